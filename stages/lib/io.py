@@ -1,0 +1,107 @@
+"""JSON/JSONL reading that names `file:line`, and writes that appear whole or not at all."""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from stages.lib.errors import StageError
+
+
+def require_path(path: str | Path, what: str = "input") -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: {what} not found")
+    return path
+
+
+def iter_jsonl(path: str | Path, required: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
+    """Yield `(line_number, record)`; blank lines are skipped, anything else must be an object."""
+    path = require_path(path)
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise StageError(f"{path}:{number}: malformed JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise StageError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            for key in required:
+                if key not in record:
+                    raise StageError(f"{path}:{number}: record missing required field '{key}'")
+            yield number, record
+
+
+def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
+    return [record for _, record in iter_jsonl(path, required)]
+
+
+def read_json(path: str | Path) -> Any:
+    path = require_path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StageError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8"):
+    """Open a temporary sibling of `path` for writing; rename it over `path` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield an empty temporary sibling directory; it replaces `path` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the output should read like any other directory
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_file(path) as handle:
+        handle.write(dump_json(obj))
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
+    """Write one compact JSON object a line; returns the count. Key order is kept as given."""
+    count = 0
+    with atomic_file(path) as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count

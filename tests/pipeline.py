@@ -1,0 +1,76 @@
+"""A temp copy of the repository in which the real `dvc.yaml` runs with tiny-model overrides."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO_ROOT, git, git_init, venv_env
+
+
+def tiny_overrides(tiny_model_dir: Path) -> dict:
+    """Params that make every stage fast: the tiny model instead of the embedded one."""
+    return {
+        "base_model.source": str(tiny_model_dir),
+    }
+
+
+class PipelineRepo:
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def copy_of_project(cls, dest: Path) -> "PipelineRepo":
+        files = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
+                               check=True, capture_output=True, text=True).stdout.split("\0")
+        for name in filter(None, files):
+            source = REPO_ROOT / name
+            if source.is_file():
+                target = dest / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+        git_init(dest)
+        git(dest, "add", "-A")
+        git(dest, "commit", "-q", "-m", "copy of the project")
+        return cls(dest)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text())
+
+    def set_params(self, overrides: dict) -> None:
+        """Set dotted keys (`section.key`); a value of `...` removes the key."""
+        params = self.params()
+        for dotted, value in overrides.items():
+            *parents, leaf = dotted.split(".")
+            node = params
+            for part in parents:
+                node = node.setdefault(part, {})
+            if value is ...:
+                node.pop(leaf, None)
+            else:
+                node[leaf] = value
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=self.root, env=venv_env(),
+                                capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def repro(self, *targets: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.dvc("repro", *targets, check=check)
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+
+def stages_run(result: subprocess.CompletedProcess) -> list[str]:
+    """Names of the stages a `dvc repro` actually ran."""
+    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]

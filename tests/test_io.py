@@ -1,0 +1,69 @@
+
+import pytest
+
+from stages.lib import StageError
+from stages.lib.io import atomic_dir, atomic_file, read_json, read_jsonl, write_jsonl
+
+
+def test_jsonl_roundtrip_keeps_order_and_unicode(tmp_path):
+    records = [{"b": 1, "a": "café"}, {"text": "line\nbreak"}]
+    path = tmp_path / "out" / "x.jsonl"
+    assert write_jsonl(path, records) == 2
+    assert read_jsonl(path) == records
+    assert path.read_text(encoding="utf-8").splitlines()[0] == '{"b": 1, "a": "café"}'
+
+
+def test_malformed_line_is_reported_with_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2,}\n')
+    with pytest.raises(StageError, match=r"data\.jsonl:3: malformed JSON"):
+        read_jsonl(path)
+
+
+def test_non_object_and_missing_field_are_reported(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(StageError, match=r"data\.jsonl:2: expected a JSON object, got list"):
+        read_jsonl(path)
+    path.write_text('{"a": 1, "b": 2}\n{"a": 1}\n')
+    with pytest.raises(StageError, match=r"data\.jsonl:2: record missing required field 'b'"):
+        read_jsonl(path, required=["a", "b"])
+
+
+def test_read_json_reports_line(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('{\n  "a": 1,\n  "b": \n}\n')
+    with pytest.raises(StageError, match=r"x\.json:4: malformed JSON"):
+        read_json(path)
+    with pytest.raises(StageError, match=r"missing\.json: input not found"):
+        read_json(tmp_path / "missing.json")
+
+
+def test_atomic_file_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as handle:
+            handle.write("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    assert (target / "weights").read_text() == "v1"
+
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("boom")
+    assert (target / "weights").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    with atomic_dir(target) as tmp:
+        (tmp / "other").write_text("v2")
+    assert sorted(p.name for p in target.iterdir()) == ["other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
