@@ -1,0 +1,175 @@
+import json
+
+import numpy as np
+import pytest
+
+from stages import token_analysis
+from stages.lib import StageError
+from stages.lib.chat import CHATML_TEMPLATE
+from stages.lib.models import load_tokenizer
+from tests.conftest import write_params
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Find an order.",
+                                           "parameters": {"type": "object", "properties": {"id": {"type": "string"}}}}}]
+
+
+def chat(i: int) -> dict:
+    return {"messages": [
+        {"role": "system", "content": "You are a helpful assistant." * (1 + i % 3)},
+        {"role": "user", "content": f"Question number {i}: " + "how are you today? " * (i % 5 + 1)},
+        {"role": "assistant", "content": "I changed my view because " * (i % 7 + 1)},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "You are welcome " * (i % 4 + 1)},
+    ]}
+
+
+def tool_chat(i: int) -> dict:
+    return {"messages": [
+        {"role": "system", "content": "Follow the policy."},
+        {"role": "user", "content": f"Where is order {i}?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": json.dumps({"id": str(i)})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"status": "shipped"}'},
+        {"role": "assistant", "content": "It has shipped."},
+    ], "tools": TOOLS, "parallel_tool_calls": True}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def run(tmp_path, data, tiny_model_dir, **section):
+    params = write_params(tmp_path / "params.yaml", {"token_analysis": section})
+    return token_analysis.main(["--params", str(params), "--data", str(data), "--tokenizer", str(tiny_model_dir),
+                                "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "metrics.json")])
+
+
+def reference_counts(records, tokenizer):
+    """Per-example counts straight from transformers' own assistant mask."""
+    totals, assistants, positions = [], [], []
+    for r in records:
+        out = tokenizer.apply_chat_template(r["messages"], tools=r.get("tools"), chat_template=CHATML_TEMPLATE,
+                                            tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        mask = np.array(out["assistant_masks"])
+        totals.append(len(mask))
+        assistants.append(int(mask.sum()))
+        positions.extend(np.nonzero(mask)[0].tolist())
+    return np.array(totals), np.array(assistants), np.array(positions)
+
+
+def test_counts_match_the_tokenizers_own_assistant_mask(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    records = [{"tools": None, **chat(i)} for i in range(12)] + [tool_chat(i) for i in range(5)]
+    counts, positions = token_analysis.analyse(records, tokenizer, CHATML_TEMPLATE, remove_system=False)
+    totals, assistants, ref_positions = reference_counts(records, tokenizer)
+    assert counts["total"].tolist() == totals.tolist()
+    assert counts["assistant"].tolist() == assistants.tolist()
+    assert sorted(positions.tolist()) == sorted(ref_positions.tolist())
+    system_only = [len(tokenizer.apply_chat_template(r["messages"][:1], tools=r.get("tools"), return_dict=True,
+                                                     chat_template=CHATML_TEMPLATE, tokenize=True)["input_ids"])
+                   for r in records]
+    assert counts["system"].tolist() == system_only
+    assert (counts["without_system"] == counts["total"] - counts["system"]).all()
+
+
+def test_truncation_curve_matches_recounting_every_cut(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    records = [{"tools": None, **chat(i)} for i in range(10)]
+    counts, positions = token_analysis.analyse(records, tokenizer, CHATML_TEMPLATE, remove_system=False)
+    grid = np.arange(16, counts["total"].max() + 16, 16)
+    curve = token_analysis.truncation_loss_curve(positions, counts["total"], grid)
+    for point in curve:
+        lost = 0
+        for r in records:
+            mask = tokenizer.apply_chat_template(r["messages"], chat_template=CHATML_TEMPLATE, tokenize=True,
+                                                 return_dict=True, return_assistant_tokens_mask=True)["assistant_masks"]
+            lost += sum(mask[point["max_length"]:])
+        assert point["assistant_tokens_lost"] == lost
+    assert curve[-1]["assistant_tokens_lost"] == 0 and curve[-1]["examples_truncated_pct"] == 0
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 0.1, 0.5])
+def test_cutoff_is_the_smallest_length_within_the_loss_budget(fraction):
+    rng = np.random.default_rng(0)
+    positions = rng.integers(0, 500, size=2000)
+    cutoff = token_analysis.max_length_for_loss(positions, fraction)
+    budget = fraction * len(positions)
+    assert (positions >= cutoff).sum() <= budget
+    assert (positions >= cutoff - 1).sum() > budget
+
+
+def test_stage_writes_curves_plot_and_metrics(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", [chat(i) for i in range(20)])
+    write_jsonl(data / "val.jsonl", [chat(i) for i in range(20, 25)])
+    metrics = run(tmp_path, data, tiny_model_dir, step=32)
+    assert metrics["examples"] == 25
+    curve = (tmp_path / "out" / "truncation_loss.tsv").read_text().splitlines()
+    assert curve[0].split("\t") == ["max_length", "assistant_tokens_lost", "assistant_tokens_lost_pct",
+                                    "examples_truncated_pct"]
+    lost = [int(line.split("\t")[1]) for line in curve[1:]]
+    assert lost == sorted(lost, reverse=True) and lost[-1] == 0 and lost[0] > 0
+    assert int(curve[1].split("\t")[0]) == 32
+    assert (tmp_path / "out" / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    percentiles = (tmp_path / "out" / "length_percentiles.tsv").read_text().splitlines()
+    assert len(percentiles) == 22 and percentiles[0].startswith("percentile\ttotal\tsystem")
+    assert metrics["total_p100"] >= metrics["total_p50"] > metrics["assistant_p50"] > 0
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+
+
+def test_remove_system_messages_and_sampling(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "data.jsonl", [chat(i) for i in range(30)])
+    with_system = run(tmp_path, data, tiny_model_dir)
+    without = run(tmp_path, data, tiny_model_dir, remove_system_messages=True)
+    assert without["system_p100"] == 0
+    assert without["tokens"] < with_system["tokens"]
+    assert without["assistant_tokens"] == with_system["assistant_tokens"]
+    sampled = run(tmp_path, data, tiny_model_dir, num_samples=7, seed=3)
+    assert sampled["examples"] == 7
+    assert run(tmp_path, data, tiny_model_dir, num_samples=7, seed=3) == sampled
+
+
+def test_outputs_are_deterministic(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "data.jsonl", [chat(i) for i in range(8)] + [tool_chat(1)])
+    run(tmp_path, data, tiny_model_dir)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    run(tmp_path, data, tiny_model_dir)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.suffix == ".tsv"} == \
+        {k: v for k, v in first.items() if k.endswith(".tsv")}
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [\n', r"data\.jsonl:2: malformed JSON"),
+    ('{"text": "no messages"}\n', r"data\.jsonl:1: record missing required field 'messages'"),
+    ('{"messages": []}\n', r"data\.jsonl:1: 'messages' must be a non-empty list"),
+    ('{"messages": [{"role": "narrator", "content": "x"}]}\n', r"data\.jsonl:1: messages\[0\] must be an object with a role"),
+    ('{"messages": [{"role": "user", "content": 5}]}\n', r"data\.jsonl:1: messages\[0\]\.content must be a string or null"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "tools": "lookup"}\n', r"data\.jsonl:1: 'tools' must be a list"),
+    ('{"messages": [{"role": "user", "content": "no answer"}]}\n', r"data\.jsonl: no assistant tokens in 1 conversations"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, content, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    with pytest.raises(StageError, match=message):
+        run(tmp_path, data, tiny_model_dir)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"step": 0}, r"^token_analysis: step must be at least 1, got 0$"),
+    ({"chat_template": "model"}, r"^token_analysis\.chat_template: the model's chat template cannot mark assistant tokens"),
+    ({"chat_template": "no/such.jinja"}, r"^token_analysis\.chat_template: expected auto, model, chatml or a template file"),
+    ({"num_sample": 3}, r"^token_analysis\.num_sample: unknown key \(did you mean 'num_samples'\?\)$"),
+])
+def test_bad_params(tmp_path, tiny_model_dir, section, message):
+    data = write_jsonl(tmp_path / "data.jsonl", [chat(0)])
+    with pytest.raises(StageError, match=message):
+        run(tmp_path, data, tiny_model_dir, **section)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_is_named(tmp_path, tiny_model_dir):
+    with pytest.raises(StageError, match=r"nothing: no JSONL files found"):
+        run(tmp_path, tmp_path / "nothing", tiny_model_dir)
