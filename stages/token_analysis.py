@@ -18,7 +18,6 @@ token positions, not from re-tokenizing at each truncation step.
 """
 
 import argparse
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,8 @@ from typing import Literal, Sequence
 import numpy as np
 
 from stages.lib import StageError, run_stage
-from stages.lib.chat import check_messages, resolve_chat_template
-from stages.lib.io import atomic_dir, atomic_file, iter_jsonl, write_json
+from stages.lib.chat import read_chat_records, resolve_chat_template, tokenize_chats
+from stages.lib.io import atomic_dir, atomic_file, write_json
 from stages.lib.log import get_logger, log_config
 from stages.lib.models import load_tokenizer
 from stages.lib.params import DEFAULT_PARAMS, load_section
@@ -58,17 +57,10 @@ class TokenAnalysisParams:
 
 
 def read_conversations(data: Path) -> list[dict]:
-    files = sorted(data.glob("*.jsonl")) if data.is_dir() else [data]
-    if not files or not data.exists():
+    files = sorted(data.glob("*.jsonl")) if data.is_dir() else [data] if data.exists() else []
+    if not files:
         raise StageError(f"{data}: no JSONL files found")
-    records = []
-    for path in files:
-        for number, record in iter_jsonl(path, required=["messages"]):
-            check_messages(record["messages"], f"{path}:{number}")
-            tools = record.get("tools")
-            if tools is not None and not isinstance(tools, list):
-                raise StageError(f"{path}:{number}: 'tools' must be a list of function schemas")
-            records.append({"messages": record["messages"], "tools": tools or None})
+    records = [record for path in files for record in read_chat_records(path)]
     if not records:
         raise StageError(f"{data}: no records")
     return records
@@ -81,59 +73,17 @@ def sample(records: list[dict], num_samples: int | None, seed: int) -> list[dict
     return [records[i] for i in indices]
 
 
-def render(records: list[dict], tokenizer, template: str) -> tuple[list[str], list[list[tuple[int, int]]], list[int]]:
-    """Render every conversation; return texts, assistant character spans and system-prefix lengths.
-
-    Conversations are rendered in groups that share a tool list (the template takes one per call).
-    """
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    texts, spans, system_chars = [None] * len(records), [None] * len(records), [0] * len(records)
-    groups: dict[str, list[int]] = {}
-    for i, record in enumerate(records):
-        groups.setdefault(json.dumps(record["tools"], sort_keys=True), []).append(i)
-    for indices in groups.values():
-        tools = records[indices[0]]["tools"]
-        chats = [records[i]["messages"] for i in indices]
-        rendered, generation = render_jinja_template(
-            chats, tools=tools, chat_template=template, return_assistant_tokens_mask=True, **special)
-        # The system turn (with the tool list, where the template puts it there) is a prefix of the text.
-        system_only = [[m for m in chat[:1] if m["role"] == "system"] for chat in chats]
-        with_system = [j for j, s in enumerate(system_only) if s]
-        prefixes = render_jinja_template([system_only[j] for j in with_system], tools=tools,
-                                         chat_template=template, **special)[0] if with_system else []
-        prefix_length = dict(zip(with_system, (len(p) for p in prefixes)))
-        for j, i in enumerate(indices):
-            texts[i], spans[i] = rendered[j], generation[j]
-            system_chars[i] = prefix_length.get(j, 0)
-    return texts, spans, system_chars
-
-
-def token_counts(texts, spans, system_chars, tokenizer) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def token_counts(records: list[dict], tokenizer, template: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Per-example counts of each kind, and every assistant token's position (for truncation loss)."""
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                        return_attention_mask=False)
-    totals, systems, assistants = [], [], []
-    positions = []
-    for offsets, example_spans, prefix in zip(encoded["offset_mapping"], spans, system_chars):
-        starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
-        totals.append(len(starts))
-        systems.append(int(np.searchsorted(starts, prefix, side="left")))
-        count = 0
-        for begin, end in example_spans:
-            if end <= begin:
-                continue
-            # The tokens holding the span's first and last characters, as char_to_token would find them.
-            first = int(np.searchsorted(starts, begin, side="right")) - 1
-            last = int(np.searchsorted(starts, end - 1, side="right"))
-            positions.append(np.arange(first, last, dtype=np.int64))
-            count += last - first
-        assistants.append(count)
-    counts = {"total": np.array(totals), "system": np.array(systems), "assistant": np.array(assistants)}
+    tokenized = tokenize_chats(records, tokenizer, template)
+    counts = {
+        "total": np.array([t.n_tokens for t in tokenized]),
+        "system": np.array([t.system_tokens for t in tokenized]),
+        "assistant": np.array([sum(last - first for first, last in t.assistant_spans) for t in tokenized]),
+    }
     counts["without_system"] = counts["total"] - counts["system"]
-    all_positions = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
-    return counts, all_positions
+    positions = [np.arange(first, last, dtype=np.int64) for t in tokenized for first, last in t.assistant_spans]
+    return counts, np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
 
 
 def truncation_loss_curve(positions: np.ndarray, totals: np.ndarray, grid: np.ndarray) -> list[dict]:
@@ -163,8 +113,7 @@ def max_length_for_loss(positions: np.ndarray, fraction: float) -> int:
 def analyse(records: list[dict], tokenizer, template: str, remove_system: bool):
     if remove_system:
         records = [{**r, "messages": [m for m in r["messages"] if m["role"] != "system"]} for r in records]
-    texts, spans, system_chars = render(records, tokenizer, template)
-    return token_counts(texts, spans, system_chars, tokenizer)
+    return token_counts(records, tokenizer, template)
 
 
 def plot_lengths(path: Path, counts: dict[str, np.ndarray], curve: list[dict], name: str, cutoff: int,

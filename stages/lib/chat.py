@@ -6,6 +6,8 @@ template renders neither tools nor tool calls, fails on a `content: null` turn, 
 no `{% generation %}` markers for assistant-token masks.
 """
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib.errors import StageError
@@ -63,3 +65,118 @@ def check_messages(messages, where: str) -> None:
         content = message.get("content")
         if content is not None and not isinstance(content, str):
             raise StageError(f"{where}: messages[{i}].content must be a string or null")
+
+
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id")
+
+
+def read_chat_records(path: Path) -> list[dict]:
+    """Chat records `{"messages", "tools"?}` from a JSONL file, each checked and named by `file:line`."""
+    from stages.lib.io import iter_jsonl
+
+    records = []
+    for number, record in iter_jsonl(path, required=["messages"]):
+        where = f"{path}:{number}"
+        check_messages(record["messages"], where)
+        tools = record.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise StageError(f"{where}: 'tools' must be a list of function schemas")
+        records.append({"messages": record["messages"], "tools": tools or None, "where": where})
+    return records
+
+
+def chat_dataset(records: list[dict]):
+    """A `datasets.Dataset` of chats that survives Arrow's schema merging.
+
+    Arrow gives every row the union of all rows' keys (missing ones become None), which
+    would corrupt tool JSON schemas; tools therefore travel as a JSON string (trl decodes
+    it), and messages all carry the same four keys.
+    """
+    from datasets import Dataset
+
+    rows = []
+    for record in records:
+        messages = [{key: message.get(key) for key in MESSAGE_KEYS} for message in record["messages"]]
+        for message in messages:
+            if message["tool_calls"]:
+                message["tool_calls"] = [normalise_tool_call(call) for call in message["tool_calls"]]
+        row = {"messages": messages}
+        if any(r["tools"] for r in records):
+            row["tools"] = json.dumps(record["tools"], ensure_ascii=False) if record["tools"] else None
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+def normalise_tool_call(call: dict) -> dict:
+    """OpenAI shape with arguments as a JSON string, whichever of the two shapes came in."""
+    function = call.get("function", call)
+    arguments = function.get("arguments", {})
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return {"id": call.get("id"), "type": "function",
+            "function": {"name": function.get("name"), "arguments": arguments}}
+
+
+@dataclass
+class ChatTokens:
+    n_tokens: int
+    system_tokens: int  # the leading system turn (with the tool list, where the template puts it there)
+    assistant_spans: list[tuple[int, int]]  # [first, last) token indices of each assistant turn
+
+
+def render_chats(records: list[dict], tokenizer, template: str) -> tuple[list[str], list[list], list[int]]:
+    """Render every chat once; return texts, assistant character spans and system-prefix lengths.
+
+    Chats are rendered in groups that share a tool list, since the template takes one per call.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    texts, spans, system_chars = [""] * len(records), [[]] * len(records), [0] * len(records)
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(json.dumps(record.get("tools"), sort_keys=True), []).append(i)
+    for indices in groups.values():
+        tools = records[indices[0]].get("tools")
+        chats = [records[i]["messages"] for i in indices]
+        rendered, generation = render_jinja_template(
+            chats, tools=tools, chat_template=template, return_assistant_tokens_mask=True, **special)
+        system_only = [[m for m in chat[:1] if m["role"] == "system"] for chat in chats]
+        with_system = [j for j, s in enumerate(system_only) if s]
+        prefixes = render_jinja_template([system_only[j] for j in with_system], tools=tools,
+                                         chat_template=template, **special)[0] if with_system else []
+        prefix_length = dict(zip(with_system, (len(p) for p in prefixes)))
+        for j, i in enumerate(indices):
+            texts[i], spans[i] = rendered[j], generation[j]
+            system_chars[i] = prefix_length.get(j, 0)
+    return texts, spans, system_chars
+
+
+def tokenize_chats(records: list[dict], tokenizer, template: str) -> list[ChatTokens]:
+    """Token counts and assistant token spans, from one batched tokenizer call.
+
+    Only span boundaries are looked up (in the tokenizer's Rust encodings), so the cost per
+    chat does not grow with its length beyond the tokenization itself.
+    """
+    texts, spans, system_chars = render_chats(records, tokenizer, template)
+    encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
+    result = []
+    for encoding, text, chat_spans, prefix in zip(encoded.encodings, texts, spans, system_chars):
+        n_tokens = len(encoding.ids)
+        assistant = []
+        for begin, end in chat_spans:
+            if end > begin:
+                assistant.append((token_at(encoding, begin, len(text), n_tokens),
+                                  token_at(encoding, end - 1, len(text), n_tokens) + 1))
+        result.append(ChatTokens(n_tokens, token_at(encoding, prefix, len(text), n_tokens), assistant))
+    return result
+
+
+def token_at(encoding, char: int, text_length: int, n_tokens: int) -> int:
+    """Index of the token holding `char`; characters no token covers belong to the next token."""
+    while char < text_length:
+        token = encoding.char_to_token(char)
+        if token is not None:
+            return token
+        char += 1
+    return n_tokens

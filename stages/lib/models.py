@@ -62,3 +62,34 @@ def greedy_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 3
                                 pad_token_id=tokenizer.pad_token_id)
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX: without them, bf16 matmuls on the CPU are slower than fp32, not faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(choice: str) -> str:
+    """`auto` -> bf16 on CUDA with bf16 support or a CPU with AVX-512 BF16, fp32 otherwise."""
+    import torch
+
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory where training ran on CUDA, else the process's peak resident memory."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,91 @@
+"""Throughput of the token_analysis stage against its limit and against the naive loop.
+
+All three run in one process on the same conversations and tokenizer:
+  stage  render + one batched tokenization + truncation curve from sorted positions
+  limit  one batched tokenizer call on the already rendered texts (rendering not timed)
+  naive  one conversation at a time through apply_chat_template, re-counting the lost
+         assistant tokens at every truncation step
+
+    python benchmarks/token_analysis.py --data data/persuasion/sft --tokenizer models/base
+
+Targets: stage >= 50% of limit, stage >= 3x naive. Prints one line with both ratios.
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stages import token_analysis  # noqa: E402
+from stages.lib.chat import render_chats, resolve_chat_template  # noqa: E402
+from stages.lib.models import load_tokenizer  # noqa: E402
+
+
+def best_of(repeats: int, fn):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def run_stage(records, tokenizer, template, step):
+    counts, positions = token_analysis.analyse(records, tokenizer, template, remove_system=False)
+    grid = np.arange(step, counts["total"].max() + step, step)
+    token_analysis.truncation_loss_curve(positions, counts["total"], grid)
+    token_analysis.max_length_for_loss(positions, 0.01)
+    return int(counts["total"].sum())
+
+
+def run_naive(records, tokenizer, template, step):
+    total = 0
+    masks = []
+    for record in records:
+        out = tokenizer.apply_chat_template(record["messages"], tools=record["tools"], chat_template=template,
+                                            tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        masks.append(out["assistant_masks"])
+        total += len(out["input_ids"])
+    longest = max(len(m) for m in masks)
+    for length in range(step, longest + step, step):
+        sum(sum(mask[length:]) for mask in masks)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("data/persuasion/sft"))
+    parser.add_argument("--tokenizer", type=Path, default=Path("models/base"))
+    parser.add_argument("--min-examples", type=int, default=2000, help="repeat the data up to this many")
+    parser.add_argument("--step", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    records = token_analysis.read_conversations(args.data)
+    records = (records * (args.min_examples // len(records) + 1))[:max(args.min_examples, len(records))]
+    tokenizer = load_tokenizer(args.tokenizer)
+    template = resolve_chat_template(tokenizer, "auto", needs_assistant_mask=True,
+                                     needs_tools=any(r["tools"] for r in records))
+
+    texts, _, _ = render_chats(records, tokenizer, template)
+    limit_s, _ = best_of(args.repeats, lambda: tokenizer(texts, add_special_tokens=False))
+    stage_s, tokens = best_of(args.repeats, lambda: run_stage(records, tokenizer, template, args.step))
+    naive_s, naive_tokens = best_of(1, lambda: run_naive(records, tokenizer, template, args.step))
+    assert naive_tokens == tokens, (naive_tokens, tokens)
+
+    stage_tps, limit_tps, naive_tps = tokens / stage_s, tokens / limit_s, tokens / naive_s
+    machine = f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}"
+    print(f"token_analysis: {stage_tps / limit_tps:.2f}x of limit (target >= 0.50), "
+          f"{stage_tps / naive_tps:.1f}x naive (target >= 3) | stage {stage_tps:,.0f} tok/s, "
+          f"limit {limit_tps:,.0f} tok/s, naive {naive_tps:,.0f} tok/s | {len(records)} conversations, "
+          f"{tokens:,} tokens, data {args.data} | {machine}")
+
+
+if __name__ == "__main__":
+    main()
