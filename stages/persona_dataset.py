@@ -93,8 +93,8 @@ class PersonaDatasetParams:
         if self.min_response_tokens <= 0:
             raise ValueError(f"min_response_tokens must be positive, got {self.min_response_tokens}")
         if self.max_seq_len <= self.min_response_tokens:
-            raise ValueError(f"max_seq_len ({self.max_seq_len}) must be larger than "
-                             f"min_response_tokens ({self.min_response_tokens})")
+            raise ValueError(f"max_seq_len must be larger than min_response_tokens "
+                             f"({self.min_response_tokens}), got {self.max_seq_len}")
 
 
 @dataclass

@@ -14,6 +14,8 @@ def tiny_overrides(tiny_model_dir: Path) -> dict:
     """Params that make every stage fast: the tiny model instead of the embedded one."""
     return {
         "base_model.source": str(tiny_model_dir),
+        # The tiny tokenizer spends about one token per 3 characters: make room for whole games.
+        "persona_dataset.max_seq_len": 16384,
     }
 
 

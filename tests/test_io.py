@@ -67,3 +67,10 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
         (tmp / "other").write_text("v2")
     assert sorted(p.name for p in target.iterdir()) == ["other"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_invalid_utf8_is_reported_with_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"a": "ok"}\n{"a": "caf\xe9"}\n')
+    with pytest.raises(StageError, match=r"data\.jsonl:2: not valid UTF-8"):
+        read_jsonl(path)

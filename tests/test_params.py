@@ -75,7 +75,7 @@ def test_post_init_errors_are_reported_against_the_section():
             if not 0 <= self.ratio < 1:
                 raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
 
-    with pytest.raises(StageError, match=r"^split: ratio must be in \[0, 1\), got 1.5$"):
+    with pytest.raises(StageError, match=r"^split\.ratio: must be in \[0, 1\), got 1.5$"):
         parse_section({"split": {"ratio": 1.5}}, "split", Checked)
 
 

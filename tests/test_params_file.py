@@ -1,30 +1,52 @@
 """Every section of the shipped params.yaml parses into its stage's dataclass."""
 
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
 from stages.base_model import BaseModelParams
 from stages.lib.params import load_params, parse_section
+from stages.persona_dataset import PersonaDatasetParams
+from stages.token_analysis import TokenAnalysisParams
 from tests.conftest import REPO_ROOT
 
 SECTIONS = {
     "base_model": BaseModelParams,
+    "persona_dataset": PersonaDatasetParams,
+    "token_analysis": TokenAnalysisParams,
 }
+# Sections that only dvc.yaml reads, through ${...} templating.
+TEMPLATE_SECTIONS = {"raw"}
+
+
+def params() -> dict:
+    return load_params(REPO_ROOT / "params.yaml")
 
 
 def test_every_section_has_a_parser():
-    assert set(load_params(REPO_ROOT / "params.yaml")) == set(SECTIONS)
+    assert set(params()) == set(SECTIONS) | TEMPLATE_SECTIONS
 
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_section_parses(section):
-    parse_section(load_params(REPO_ROOT / "params.yaml"), section, SECTIONS[section])
+    parse_section(params(), section, SECTIONS[section])
 
 
 def test_every_params_section_is_read_by_a_stage():
     dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
     declared = set()
     for stage in dvc_yaml["stages"].values():
+        stage = stage.get("do", stage)
         for entry in stage.get("params", []):
             declared.update(entry if isinstance(entry, dict) else [entry.split(".")[0]])
     assert set(SECTIONS) <= declared
+
+
+def test_raw_inputs_exist_and_are_all_used():
+    raw = params()["raw"]
+    for key, path in raw.items():
+        assert (REPO_ROOT / path).exists(), f"raw.{key}: {path} is missing"
+    used = set(re.findall(r"\$\{raw\.(\w+)\}", (REPO_ROOT / "dvc.yaml").read_text()))
+    assert used == set(raw)

@@ -18,11 +18,17 @@ def repo(tmp_path_factory, tiny_model_dir):
 
 def test_full_pipeline_runs_then_is_up_to_date(repo):
     first = repo.repro()
-    assert "base_model" in stages_run(first)
+    assert stages_run(first) == ["base_model", "persona_dataset", "token_analysis@persona"]
 
     metrics = json.loads(repo.path("metrics/base_model.json").read_text())
     assert metrics["hidden_size"] == 32 and metrics["vocab_size"] == 384
     assert json.loads(repo.path("models/base/config.json").read_text())["num_hidden_layers"] == 2
+
+    persona = json.loads(repo.path("metrics/persona_dataset.json").read_text())
+    train = repo.path("data/persona/train.jsonl").read_text().splitlines()
+    assert len(train) == persona["train_games"] > 0
+    analysis = json.loads(repo.path("metrics/token_analysis/persona.json").read_text())
+    assert analysis["examples"] == persona["train_games"] + persona["val_games"]
 
     second = repo.repro()
     assert stages_run(second) == []
@@ -30,14 +36,26 @@ def test_full_pipeline_runs_then_is_up_to_date(repo):
     assert "changed" not in repo.dvc("status").stdout
 
 
-def test_changed_param_reruns_only_its_stage(repo):
+def test_changed_param_reruns_only_the_stages_that_read_it(repo):
     repo.repro()
-    repo.set_params({"base_model.dtype": "bfloat16"})
+    repo.set_params({"token_analysis.step": 64})
     try:
-        assert stages_run(repo.repro()) == ["base_model"]
-        assert json.loads(repo.path("metrics/base_model.json").read_text())["dtype"] == "bfloat16"
+        assert stages_run(repo.repro()) == ["token_analysis@persona"]
+        curve = repo.path("plots/token_analysis/persona/truncation_loss.tsv").read_text().splitlines()
+        assert curve[1].startswith("64\t")
     finally:
-        repo.set_params({"base_model.dtype": "float32"})
+        repo.set_params({"token_analysis.step": 128})
+        repo.repro()
+
+
+def test_changed_dataset_param_reruns_it_and_its_dependants(repo):
+    repo.repro()
+    repo.set_params({"persona_dataset.val_ratio": 0.4})
+    try:
+        # The persona data changes, so its analysis follows; the base model does not.
+        assert stages_run(repo.repro()) == ["persona_dataset", "token_analysis@persona"]
+    finally:
+        repo.set_params({"persona_dataset.val_ratio": 0.2})
         repo.repro()
 
 

@@ -158,7 +158,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, cont
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"step": 0}, r"^token_analysis: step must be at least 1, got 0$"),
+    ({"step": 0}, r"^token_analysis\.step: must be at least 1, got 0$"),
     ({"chat_template": "model"}, r"^token_analysis\.chat_template: the model's chat template cannot mark assistant tokens"),
     ({"chat_template": "no/such.jinja"}, r"^token_analysis\.chat_template: expected auto, model, chatml or a template file"),
     ({"num_sample": 3}, r"^token_analysis\.num_sample: unknown key \(did you mean 'num_samples'\?\)$"),

@@ -21,8 +21,12 @@ def require_path(path: str | Path, what: str = "input") -> Path:
 def iter_jsonl(path: str | Path, required: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
     """Yield `(line_number, record)`; blank lines are skipped, anything else must be an object."""
     path = require_path(path)
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise StageError(f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:

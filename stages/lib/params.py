@@ -78,8 +78,13 @@ def build(cls: type[T], values: Any, where: str) -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        # __post_init__ checks (ours, or a trl/transformers config's) land here.
-        raise StageError(f"{where}: {' '.join(str(err).split())}") from None
+        # __post_init__ checks (ours, or a trl/transformers config's) land here. A message that
+        # starts with a field name ("step must be >= 1") is reported against that key.
+        message = " ".join(str(err).split())
+        first, _, rest = message.partition(" ")
+        if first in fields and rest:
+            raise StageError(f"{where}.{first}: {rest}") from None
+        raise StageError(f"{where}: {message}") from None
 
 
 def coerce(value: Any, annotation: Any, where: str) -> Any:

@@ -1,0 +1,335 @@
+"""Turn Tau2-bench simulation results into the agent's conversations, split by task.
+
+In:  --results      results files of `tau2 run` (one JSON object each) and/or directories whose
+                    *.json files are read in name order
+     --split-tasks  the domain's split_tasks.json: {"train": [task ids], "test": [task ids], ...}
+     --tools        the domain's agent tools: a JSON list of OpenAI function schemas
+     params `tau2_make`: success_only, skip_unsplit, system_prompt_template
+Out: --out          {"splits": {"train": [...], "test": [...]}}, one example per kept simulation:
+                    simulation_id, task_id, trial, reward, domain, source (the results file),
+                    messages (the system prompt built from the domain policy, then what the agent
+                    saw: its own turns with tool calls, their results, the user's text turns) and tools
+     --metrics      simulations read, kept, dropped per reason, user tool calls dropped, per split
+
+The user's own tool calls (telecom: the simulated customer toggling airplane mode, running a
+speed test) and their results are not part of the agent's history and are dropped.
+
+    python -m stages.tau2_make --results data/raw/tau2/telecom/results \
+        --split-tasks data/raw/tau2/telecom/split_tasks.json --tools data/raw/tau2/telecom/tools.json \
+        --out data/agent/tau2.json --metrics metrics/tau2_make.json
+"""
+
+import argparse
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from stages.lib import StageError, run_stage
+from stages.lib.io import read_json, require_path, write_json
+from stages.lib.log import get_logger, log_config
+from stages.lib.params import DEFAULT_PARAMS, load_section
+
+log = get_logger("tau2_make")
+
+POLICY_PLACEHOLDER = "{policy}"
+SPLITS = ("train", "test")
+REQUIRED_SIMULATION_KEYS = ("id", "task_id", "reward_info", "messages")
+
+# tau2's own LLM agent prompt (tau2.agent.llm_agent), with the policy in place of {policy}.
+TAU2_SYSTEM_PROMPT = """<instructions>
+You are a customer service agent that helps the user according to the <policy> provided below.
+In each turn you can either:
+- Send a message to the user.
+- Make a tool call.
+You cannot do both at the same time.
+
+Try to be helpful and always follow the policy. Always make sure you generate valid JSON only.
+</instructions>
+<policy>
+{policy}
+</policy>"""
+
+
+@dataclass
+class Tau2MakeParams:
+    success_only: bool = True  # keep only simulations with reward == 1.0
+    skip_unsplit: bool = False  # drop (and count) simulations whose task is in neither train nor test
+    system_prompt_template: str = TAU2_SYSTEM_PROMPT  # `{policy}` is replaced by the domain policy
+
+    def __post_init__(self):
+        if self.system_prompt_template.count(POLICY_PLACEHOLDER) != 1:
+            raise ValueError(f"system_prompt_template must contain {POLICY_PLACEHOLDER} exactly once")
+
+
+def results_files(paths: Sequence[Path]) -> list[Path]:
+    files = []
+    for path in paths:
+        require_path(path, "results file or directory")
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.json") if p.is_file())
+            if not found:
+                raise StageError(f"{path}: results directory has no *.json files")
+            files.extend(found)
+        else:
+            files.append(path)
+    if len(set(files)) != len(files):
+        twice = next(f for f in files if files.count(f) > 1)
+        raise StageError(f"{twice}: results file given twice")
+    return files
+
+
+def read_tools(path: Path) -> tuple[list[dict], set[str]]:
+    tools = read_json(path)
+    if not isinstance(tools, list) or not tools:
+        raise StageError(f"{path}: expected a non-empty JSON list of OpenAI function schemas")
+    names = set()
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type") != "function":
+            raise StageError(f"{path}: tools[{index}]: expected {{\"type\": \"function\", \"function\": {{...}}}}")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise StageError(f"{path}: tools[{index}]: missing function.name")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise StageError(f"{path}: tools[{index}] ({name}): function.parameters must be a JSON schema object")
+        if name in names:
+            raise StageError(f"{path}: tools[{index}]: duplicate tool name {name!r}")
+        names.add(name)
+    return tools, names
+
+
+def read_splits(path: Path) -> dict[str, str]:
+    """Map each train/test task id to its split."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise StageError(f"{path}: expected an object of splits {{\"train\": [...], \"test\": [...]}}")
+    split_of = {}
+    for split in SPLITS:
+        ids = data.get(split)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise StageError(f"{path}: '{split}' must be a list of task id strings")
+        for task_id in ids:
+            if split_of.get(task_id, split) != split:
+                raise StageError(f"{path}: task id {task_id!r} is in both train and test")
+            split_of[task_id] = split
+    return split_of
+
+
+def read_results(path: Path) -> dict:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise StageError(f"{path}: expected a tau2 results object, got {type(data).__name__}")
+    for key in ("info", "tasks", "simulations"):
+        if key not in data:
+            raise StageError(f"{path}: results missing required key '{key}'")
+    environment = data["info"].get("environment_info") if isinstance(data["info"], dict) else None
+    if not isinstance(environment, dict):
+        raise StageError(f"{path}: results missing info.environment_info")
+    for key in ("domain_name", "policy"):
+        if not isinstance(environment.get(key), str) or not environment[key].strip():
+            raise StageError(f"{path}: info.environment_info.{key} must be a non-empty string")
+    if not isinstance(data["tasks"], list) or not isinstance(data["simulations"], list):
+        raise StageError(f"{path}: 'tasks' and 'simulations' must be lists")
+    return data
+
+
+def task_ids(path: Path, tasks: list) -> set[str]:
+    ids = set()
+    for index, task in enumerate(tasks):
+        if not isinstance(task, dict) or "id" not in task:
+            raise StageError(f"{path}: tasks[{index}]: missing required key 'id'")
+        ids.add(task["id"])
+    return ids
+
+
+def reward_of(simulation: dict, where: str) -> float:
+    info = simulation["reward_info"]
+    reward = info.get("reward") if isinstance(info, dict) else None
+    if not isinstance(reward, (int, float)) or isinstance(reward, bool):
+        raise StageError(f"{where}: reward_info.reward must be a number (was the simulation evaluated?)")
+    return float(reward)
+
+
+def agent_history(messages: list, tool_names: set[str], tools_path: Path, where: str, counts: Counter) -> list[dict]:
+    """The agent's side of a simulation: its turns and tool results, and the user's text turns."""
+    history = []
+    open_calls: dict[str, str] = {}  # agent call id -> tool name, until its result arrives
+    user_calls: set[str] = set()
+    seen_calls: set[str] = set()
+    for index, message in enumerate(messages):
+        at = f"{where} messages[{index}]"
+        if not isinstance(message, dict) or "role" not in message:
+            raise StageError(f"{at}: expected a message object with a 'role'")
+        role = message["role"]
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise StageError(f"{at}: content must be a string or null")
+        calls = message.get("tool_calls") or []
+        if not isinstance(calls, list):
+            raise StageError(f"{at}: tool_calls must be a list or null")
+        if role in ("assistant", "user") and open_calls:
+            call_id, name = next(iter(open_calls.items()))
+            raise StageError(f"{at}: tool call {call_id!r} ({name}) has no result before this {role} turn")
+
+        if role == "assistant":
+            agent_calls = []
+            for number, call in enumerate(calls):
+                call_at = f"{at} tool_calls[{number}]"
+                if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not call["id"]:
+                    raise StageError(f"{call_at}: tool call needs a non-empty string 'id'")
+                if call.get("requestor", "assistant") != "assistant":
+                    raise StageError(f"{call_at}: assistant turn carries a {call['requestor']!r} tool call")
+                if call.get("name") not in tool_names:
+                    raise StageError(f"{call_at}: unknown tool {call.get('name')!r} (not in {tools_path})")
+                if not isinstance(call.get("arguments"), dict):
+                    raise StageError(f"{call_at}: arguments must be a JSON object")
+                if call["id"] in seen_calls:
+                    raise StageError(f"{call_at}: duplicate tool call id {call['id']!r}")
+                seen_calls.add(call["id"])
+                open_calls[call["id"]] = call["name"]
+                agent_calls.append({"id": call["id"], "name": call["name"], "arguments": call["arguments"]})
+            history.append({"role": "assistant", "content": content, "tool_calls": agent_calls or None})
+            counts["assistant_turns"] += 1
+            counts["tool_calls"] += len(agent_calls)
+        elif role == "user":
+            for call in calls:
+                if isinstance(call, dict) and isinstance(call.get("id"), str):
+                    user_calls.add(call["id"])
+            counts["user_tool_calls_dropped"] += len(calls)
+            if content and content.strip():
+                history.append({"role": "user", "content": content})
+            else:
+                counts["user_turns_dropped"] += 1
+        elif role == "tool":
+            call_id = message.get("id")
+            if call_id in user_calls and message.get("requestor", "user") == "user":
+                counts["user_tool_results_dropped"] += 1
+                continue
+            if call_id not in open_calls:
+                raise StageError(f"{at}: tool result {call_id!r} answers no open tool call of the agent")
+            open_calls.pop(call_id)
+            error = bool(message.get("error", False))
+            history.append({"role": "tool", "id": call_id, "content": content or "", "error": error})
+            counts["tool_errors"] += error
+        else:
+            raise StageError(f"{at}: unexpected role {role!r} (expected assistant, user or tool)")
+    if not counts["assistant_turns"]:
+        raise StageError(f"{where}: no assistant message")
+    return history
+
+
+def build_examples(files: list[Path], split_of: dict[str, str], tools: list[dict], tool_names: set[str],
+                   tools_path: Path, params: Tau2MakeParams, metrics: Counter) -> dict[str, list[dict]]:
+    splits = {split: [] for split in SPLITS}
+    domain_source: tuple[str, Path] | None = None
+    simulation_source: dict[str, Path] = {}
+    for path in files:
+        results = read_results(path)
+        domain = results["info"]["environment_info"]["domain_name"]
+        if domain_source is None:
+            domain_source = (domain, path)
+        elif domain != domain_source[0]:
+            raise StageError(f"{path}: domain {domain!r} differs from {domain_source[0]!r} "
+                             f"in {domain_source[1]} (one domain per run: its tools and splits)")
+        policy = results["info"]["environment_info"]["policy"]
+        system_prompt = params.system_prompt_template.replace(POLICY_PLACEHOLDER, policy.strip())
+        known_tasks = task_ids(path, results["tasks"])
+        metrics["files"] += 1
+        for index, simulation in enumerate(results["simulations"]):
+            where = f"{path}: simulations[{index}]"
+            if not isinstance(simulation, dict):
+                raise StageError(f"{where}: expected a simulation object")
+            for key in REQUIRED_SIMULATION_KEYS:
+                if key not in simulation:
+                    raise StageError(f"{where}: simulation missing required key '{key}'")
+            simulation_id, task_id = simulation["id"], simulation["task_id"]
+            where = f"{path}: simulation {simulation_id!r}"
+            if simulation_id in simulation_source:
+                raise StageError(f"{where}: duplicate simulation id (also in {simulation_source[simulation_id]})")
+            simulation_source[simulation_id] = path
+            if task_id not in known_tasks:
+                raise StageError(f"{where}: task_id {task_id!r} is not among the file's tasks")
+            if not isinstance(simulation["messages"], list):
+                raise StageError(f"{where}: messages must be a list")
+            metrics["simulations_read"] += 1
+
+            reward = reward_of(simulation, where)
+            if params.success_only and reward != 1.0:
+                metrics["dropped_failed"] += 1
+                continue
+            split = split_of.get(task_id)
+            if split is None:
+                if not params.skip_unsplit:
+                    raise StageError(f"{where}: task id {task_id!r} is in neither train nor test of the split "
+                                     f"file (set tau2_make.skip_unsplit to drop such simulations)")
+                metrics["dropped_unsplit"] += 1
+                continue
+
+            counts = Counter()
+            history = agent_history(simulation["messages"], tool_names, tools_path, where, counts)
+            metrics.update(counts)
+            splits[split].append({
+                "simulation_id": simulation_id,
+                "task_id": task_id,
+                "trial": simulation.get("trial"),
+                "reward": reward,
+                "domain": domain,
+                "source": path.as_posix(),
+                "messages": [{"role": "system", "content": system_prompt}, *history],
+                "tools": tools,
+            })
+    return splits
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default=DEFAULT_PARAMS)
+    parser.add_argument("--results", required=True, nargs="+", type=Path,
+                        help="results files and/or directories of *.json results files")
+    parser.add_argument("--split-tasks", required=True, type=Path)
+    parser.add_argument("--tools", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--metrics", required=True, type=Path)
+    args = parser.parse_args(argv)
+
+    params = load_section(args.params, "tau2_make", Tau2MakeParams)
+    log_config(log, "tau2_make", params)
+
+    files = results_files(args.results)
+    tools, tool_names = read_tools(args.tools)
+    split_of = read_splits(args.split_tasks)
+    counts = Counter()
+    splits = build_examples(files, split_of, tools, tool_names, args.tools, params, counts)
+
+    kept = sum(len(examples) for examples in splits.values())
+    if not kept:
+        raise StageError(f"no simulations left after filtering: read {counts['simulations_read']}, "
+                         f"dropped failed {counts['dropped_failed']}, unsplit {counts['dropped_unsplit']}")
+    for split, examples in splits.items():
+        if not examples:
+            log.warning("split %s is empty", split)
+
+    write_json(args.out, {"splits": splits})
+    metrics = {
+        "files": counts["files"],
+        "simulations_read": counts["simulations_read"],
+        "simulations_kept": kept,
+        "dropped_failed": counts["dropped_failed"],
+        "dropped_unsplit": counts["dropped_unsplit"],
+        **{f"{split}_examples": len(examples) for split, examples in splits.items()},
+        "assistant_turns": counts["assistant_turns"],
+        "tool_calls": counts["tool_calls"],
+        "tool_errors": counts["tool_errors"],
+        "user_tool_calls_dropped": counts["user_tool_calls_dropped"],
+        "user_tool_results_dropped": counts["user_tool_results_dropped"],
+        "user_turns_dropped": counts["user_turns_dropped"],
+    }
+    write_json(args.metrics, metrics)
+    log.info("kept %d of %d simulations (train %d, test %d)", kept, counts["simulations_read"],
+             len(splits["train"]), len(splits["test"]))
+    return metrics
+
+
+if __name__ == "__main__":
+    run_stage(main)
