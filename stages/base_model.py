@@ -112,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model, tokenizer, description = load_source(params)
     with atomic_dir(args.out) as tmp:
         save_model(model, tokenizer, tmp)
+        write_json(tmp / "provenance.json", {"source": description})
 
     metrics = {
         "source": description,

@@ -14,8 +14,8 @@ Out: --out      a directory with train.jsonl and test.jsonl, one line per exampl
     python -m stages.tau2_to_openai --input data/agent/tau2.json --out data/agent/openai \
         --metrics metrics/tau2_to_openai.json
 
-`load_openai_dataset(path)` loads such a JSONL as a `datasets.Dataset` whose rows equal the lines;
-`decode_tool_arguments(messages)` gives argument objects to chat templates that `tojson` them.
+`load_openai_dataset(path)` loads such a JSONL as a `datasets.Dataset` that keeps each line exactly
+(messages as lists of dicts; tools and metadata as JSON text, which trl decodes).
 """
 
 import argparse
@@ -34,8 +34,7 @@ log = get_logger("tau2_to_openai")
 
 SPLITS = ("train", "test")
 PAYLOAD_KEYS = ("messages", "tools")
-# How load_openai_dataset stores each column; any other key (metadata) is one JSON value.
-OPENAI_COLUMN_TYPES = {"messages": "json list", "tools": "json list", "parallel_tool_calls": "bool"}
+RECORD_KEYS = ("messages", "tools", "parallel_tool_calls", "metadata")  # as openai_record writes them
 
 
 @dataclass
@@ -111,63 +110,46 @@ def read_splits(path: Path) -> dict[str, list]:
 
 
 def load_openai_dataset(path: str | Path):
-    """Load a JSONL written by this stage as a `datasets.Dataset` whose rows equal the JSON lines.
+    """Load a JSONL written by this stage as a `datasets.Dataset` that keeps every line exactly.
 
-    Plain `load_dataset("json")` lets Arrow merge the structs of all rows: tool parameter schemas
-    and message keys that differ between rows come back as a union of keys filled with None,
-    which changes the JSON schemas and tool calls. Here every message, tool and the metadata is
-    stored as one JSON value (datasets' `Json` feature), so each decodes to exactly what was
-    written. `messages` and `tools` come back as lists of dicts, as trl's SFTTrainer and
-    `tokenizer.apply_chat_template(messages, tools=tools)` expect.
+    Plain `load_dataset("json")` lets Arrow merge the structs of all rows: message keys and tool
+    parameter schemas that differ between rows come back as the union of keys filled with None.
+    Here each message is one JSON value (datasets' `Json` feature), so `messages` comes back as
+    the list of dicts that was written, as trl and `apply_chat_template` expect. `tools` and
+    `metadata` (and any other key) are kept as JSON text: datasets' JSON decoder rounds some
+    floats, Python's `json.loads` does not, and trl's SFTTrainer decodes a `tools` string itself.
+    So `row["messages"] == record["messages"]` and `json.loads(row["tools"]) == record["tools"]`.
     """
     from datasets import Dataset, Features, Json, List, Value
 
     records = list(iter_jsonl(path, required=["messages"]))
-    if not records:
-        raise StageError(f"{path}: no records")
-    first_line, first = records[0]
-    keys = list(first)
+    # An empty split (no test tasks succeeded) loads as an empty dataset with this stage's columns.
+    first_line, first = records[0] if records else (0, dict.fromkeys(RECORD_KEYS))
     for line, record in records:
-        if set(record) != set(keys):
-            raise StageError(f"{path}:{line}: keys {sorted(record)} differ from line {first_line}'s {sorted(keys)}")
-        for key, kind in OPENAI_COLUMN_TYPES.items():
-            if key in record and kind == "json list" and not isinstance(record[key], list):
-                raise StageError(f"{path}:{line}: '{key}' must be a list")
-            if key in record and kind == "bool" and not isinstance(record[key], bool):
-                raise StageError(f"{path}:{line}: '{key}' must be true or false")
+        if set(record) != set(first):
+            raise StageError(f"{path}:{line}: keys {sorted(record)} differ from line {first_line}'s {sorted(first)}")
+        if not isinstance(record["messages"], list):
+            raise StageError(f"{path}:{line}: 'messages' must be a list")
+        if "parallel_tool_calls" in record and not isinstance(record["parallel_tool_calls"], bool):
+            raise StageError(f"{path}:{line}: 'parallel_tool_calls' must be true or false")
 
-    def feature(key):
-        kind = OPENAI_COLUMN_TYPES.get(key)
-        return List(Json()) if kind == "json list" else Value("bool") if kind == "bool" else Json()
+    def column(key):
+        values = [record[key] for _, record in records]
+        if key == "messages":
+            # Encoded here: datasets' own encoder would round floats and keep a JSON-looking string as JSON.
+            return List(Json()), [[json.dumps(m, ensure_ascii=False) for m in value] for value in values]
+        if key == "parallel_tool_calls":
+            return Value("bool"), values
+        return Value("string"), [json.dumps(value, ensure_ascii=False) for value in values]
 
-    def stored(key, value):
-        # Encoding ourselves keeps full float precision (datasets' own encoder rounds) and keeps a
-        # string value a string (datasets stores a string that parses as JSON as that JSON).
-        if OPENAI_COLUMN_TYPES.get(key) == "json list":
-            return [json.dumps(item, ensure_ascii=False) for item in value]
-        return value if OPENAI_COLUMN_TYPES.get(key) == "bool" else json.dumps(value, ensure_ascii=False)
-
-    features = Features({key: feature(key) for key in keys})
-    columns = {key: [stored(key, record[key]) for _, record in records] for key in keys}
-    dataset = Dataset.from_dict(columns, features=features)
-    for (line, record), row in zip(records, dataset):
-        if row != record:
-            raise StageError(f"{path}:{line}: record does not survive Arrow storage unchanged "
+    columns = {key: column(key) for key in first}
+    dataset = Dataset.from_dict({key: data for key, (_, data) in columns.items()},
+                                features=Features({key: feature for key, (feature, _) in columns.items()}))
+    for (line, record), messages in zip(records, dataset["messages"]):
+        if messages != record["messages"]:
+            raise StageError(f"{path}:{line}: messages do not survive Arrow storage unchanged "
                              f"(a number beyond the JSON decoder's precision?)")
     return dataset
-
-
-def decode_tool_arguments(messages: list[dict]) -> list[dict]:
-    """Messages whose tool-call arguments are objects again, for chat templates that serialize
-    them with `| tojson` (rendering the JSON string there would encode it a second time)."""
-    decoded = []
-    for message in messages:
-        if message.get("tool_calls"):
-            calls = [{**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
-                     for call in message["tool_calls"]]
-            message = {**message, "tool_calls": calls}
-        decoded.append(message)
-    return decoded
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

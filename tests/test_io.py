@@ -39,6 +39,21 @@ def test_read_json_reports_line(tmp_path):
         read_json(tmp_path / "missing.json")
 
 
+def test_atomic_outputs_get_ordinary_modes(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    write_jsonl(tmp_path / "x.jsonl", [{"a": 1}])
+    with atomic_dir(tmp_path / "d"):
+        pass
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "plain_dir").mkdir()
+    assert stat.S_IMODE((tmp_path / "x.jsonl").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == stat.S_IMODE((tmp_path / "plain_dir").stat().st_mode)
+
+
 def test_atomic_file_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "metrics.json"
     target.write_text("old")

@@ -10,6 +10,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from stages.lib.errors import StageError
 
+# mkstemp/mkdtemp create private files; outputs should get the modes any other file would.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def require_path(path: str | Path, what: str = "input") -> Path:
     path = Path(path)
@@ -61,6 +65,7 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
@@ -77,7 +82,7 @@ def atomic_dir(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the output should read like any other directory
+    tmp.chmod(0o777 & ~_UMASK)
     try:
         yield tmp
     except BaseException:
