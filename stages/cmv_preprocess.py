@@ -57,13 +57,14 @@ REMOVED_BODIES = {"[deleted]": "deleted", "[removed]": "removed"}
 # Reddit shows these in place of an author who is gone; two of them are not the same person.
 ANONYMOUS_SPEAKERS = {"", "[deleted]", "[removed]", "[missing]"}
 TOKENIZE_BATCH = 1000
+DROP_REASONS = ("deleted", "removed", "empty", "op_reply", "excluded_speaker", "too_short", "too_long")
 
 
 def check_token_limits(min_tokens: int, max_tokens: int, max_context_tokens: int | None) -> None:
     if min_tokens < 1:
         raise ValueError(f"min_tokens must be at least 1, got {min_tokens}")
     if max_tokens < min_tokens:
-        raise ValueError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})")
+        raise ValueError(f"min_tokens must not exceed max_tokens ({min_tokens} > {max_tokens})")
     if max_context_tokens is not None and max_context_tokens < 8:
         raise ValueError(f"max_context_tokens must be at least 8 (or null for no limit), got {max_context_tokens}")
 
@@ -151,7 +152,8 @@ def read_conversations(path: Path) -> dict[str, dict]:
     metas = {}
     for conversation_id, value in data.items():
         if not isinstance(value, dict):
-            raise StageError(f"{path}: conversation '{conversation_id}': expected an object, got {type(value).__name__}")
+            raise StageError(f"{path}: conversation '{conversation_id}': expected an object, "
+                             f"got {type(value).__name__}")
         if "meta" in value and set(value) <= {"meta", "vectors"}:
             value = value["meta"] if value["meta"] is not None else {}
             if not isinstance(value, dict):
@@ -201,9 +203,9 @@ def count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:
 def truncate_front(tokenizer, texts: Sequence[str], budget: int | None) -> tuple[list[str], list[int], list[bool]]:
     """Cut each text over `budget` tokens to its last tokens behind TRUNCATION_MARKER.
 
-    Returns (texts, token counts, truncated flags); every returned count is <= budget.
-    Tokens can merge differently across the new boundary, so the result is counted again
-    and cut one token shorter until it fits.
+    Returns (texts, token counts, truncated flags); with a budget larger than the marker,
+    every returned count is <= budget. Tokens can merge differently across the new boundary,
+    so a cut text is counted again and cut shorter by the excess until it fits.
     """
     texts = list(texts)
     counts = count_tokens(tokenizer, texts)
@@ -212,7 +214,7 @@ def truncate_front(tokenizer, texts: Sequence[str], budget: int | None) -> tuple
         return texts, counts, truncated
     marker_tokens = count_tokens(tokenizer, [TRUNCATION_MARKER])[0]
     originals = {i: text for i, text in enumerate(texts) if counts[i] > budget}
-    keep = dict.fromkeys(originals, budget - marker_tokens)
+    keep = dict.fromkeys(originals, max(budget - marker_tokens, 0))
     pending = sorted(originals)
     while pending:
         encodings = tokenizer([originals[i] for i in pending], add_special_tokens=False,
@@ -222,15 +224,22 @@ def truncate_front(tokenizer, texts: Sequence[str], budget: int | None) -> tuple
             texts[i] = TRUNCATION_MARKER + originals[i][cut:].lstrip()
             truncated[i] = True
         recounted = count_tokens(tokenizer, [texts[i] for i in pending])
+        still_over = []
         for i, count in zip(pending, recounted):
             counts[i] = count
-            keep[i] -= max(count - budget, 0)
-        pending = [i for i in pending if counts[i] > budget and keep[i] > 0]
+            if count > budget and keep[i] > 0:
+                keep[i] = max(keep[i] - (count - budget), 0)
+                still_over.append(i)
+        pending = still_over
     return texts, counts, truncated
 
 
 def open_tokenizer(path: Path):
-    tokenizer = load_tokenizer(require_path(path, "tokenizer directory"))
+    try:
+        tokenizer = load_tokenizer(require_path(path, "tokenizer directory"))
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StageError(f"{path}: cannot load a tokenizer: {reason}") from None
     if not tokenizer.is_fast:
         raise StageError(f"{path}: needs a fast tokenizer (tokenizer.json) to cut contexts at token offsets")
     return tokenizer
@@ -285,9 +294,6 @@ def require_rows(rows: list[dict], source: Path, candidates: int, dropped: Count
                      f"check {section}.min_tokens / {section}.max_tokens")
 
 
-DROP_REASONS = ("deleted", "removed", "empty", "op_reply", "excluded_speaker", "too_short", "too_long")
-
-
 def build_examples(corpus: Path, params: CmvPreprocessParams) -> tuple[list[Example], int, Counter, dict]:
     utterances_path = require_path(corpus / UTTERANCES, "ConvoKit utterances file")
     utterances = read_utterances(utterances_path)
@@ -313,8 +319,8 @@ def build_examples(corpus: Path, params: CmvPreprocessParams) -> tuple[list[Exam
             dropped[reason] += 1
             continue
 
-        title = clean_text(conversation.get("op-title"))
-        body = conversation.get("op-text-body")
+        title, body = conversation.get("op-title"), conversation.get("op-text-body")
+        title = clean_text(title if isinstance(title, str) else "")
         body = clean_text(body if isinstance(body, str) and body.strip() else root.text)
         turns = [("OP", "\n".join(part for part in (title, body) if part) or "[deleted]")]
         for comment in comments:

@@ -57,7 +57,7 @@ class SftDatasetParams:
 
     def __post_init__(self):
         if not (self.use_cmv or self.use_p4g):
-            raise ValueError("use_cmv and use_p4g are both false: enable at least one source")
+            raise ValueError("no source enabled: use_cmv and use_p4g are both false")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples must be at least 1 or null, got {self.max_examples}")
         ratios = {"train_ratio": self.train_ratio, "val_ratio": self.val_ratio, "test_ratio": self.test_ratio}
@@ -65,7 +65,8 @@ class SftDatasetParams:
             if not 0 < value < 1:
                 raise ValueError(f"{key} must be between 0 and 1 (exclusive), got {value}")
         if not math.isclose(sum(ratios.values()), 1.0, abs_tol=1e-6):
-            raise ValueError(f"train_ratio + val_ratio + test_ratio must be 1, got {sum(ratios.values()):g}")
+            total = sum(ratios.values())
+            raise ValueError(f"the split ratios must sum to 1, got train_ratio + val_ratio + test_ratio = {total:g}")
 
 
 def read_rows(path: Path, source: str) -> list[dict]:

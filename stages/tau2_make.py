@@ -37,25 +37,20 @@ SPLITS = ("train", "test")
 REQUIRED_SIMULATION_KEYS = ("id", "task_id", "reward_info", "messages")
 
 # tau2's own LLM agent prompt (tau2.agent.llm_agent), with the policy in place of {policy}.
-TAU2_SYSTEM_PROMPT = """<instructions>
-You are a customer service agent that helps the user according to the <policy> provided below.
-In each turn you can either:
-- Send a message to the user.
-- Make a tool call.
-You cannot do both at the same time.
+AGENT_SYSTEM_PROMPT = """You are the support agent for this domain. Help the customer by following the policy below.
+Each of your turns is either one message to the customer or one or more tool calls, never both.
+Act only on what the policy allows and answer tool calls with valid JSON arguments.
 
-Try to be helpful and always follow the policy. Always make sure you generate valid JSON only.
-</instructions>
-<policy>
-{policy}
-</policy>"""
+# Policy
+
+{policy}"""
 
 
 @dataclass
 class Tau2MakeParams:
     success_only: bool = True  # keep only simulations with reward == 1.0
     skip_unsplit: bool = False  # drop (and count) simulations whose task is in neither train nor test
-    system_prompt_template: str = TAU2_SYSTEM_PROMPT  # `{policy}` is replaced by the domain policy
+    system_prompt_template: str = AGENT_SYSTEM_PROMPT  # `{policy}` is replaced by the domain policy
 
     def __post_init__(self):
         if self.system_prompt_template.count(POLICY_PLACEHOLDER) != 1:

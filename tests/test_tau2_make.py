@@ -124,7 +124,7 @@ def test_agent_history_keeps_agent_turns_and_user_text_only(tmp_path):
         "simulation_id": "s1", "task_id": "t1", "trial": 0, "reward": 1.0, "domain": "telecom",
         "source": (tmp_path / "results" / "a_run.json").as_posix()}
     assert example["tools"] == TOOLS
-    system = tau2_make.TAU2_SYSTEM_PROMPT.replace("{policy}", POLICY.strip())
+    system = tau2_make.AGENT_SYSTEM_PROMPT.replace("{policy}", POLICY.strip())
     assert example["messages"] == [
         {"role": "system", "content": system},
         {"role": "assistant", "content": "Hi! How can I help you today?", "tool_calls": None},

@@ -42,7 +42,7 @@ def test_records_are_openai_chat_format(tmp_path, intermediate):
     assert record["tools"] == TOOLS and record["parallel_tool_calls"] is True
     assert record["metadata"] == {"simulation_id": "s1", "task_id": "t1", "trial": 0, "reward": 1.0,
                                   "domain": "telecom", "source": (tmp_path / "results" / "a_run.json").as_posix()}
-    system = tau2_make.TAU2_SYSTEM_PROMPT.replace("{policy}", POLICY.strip())
+    system = tau2_make.AGENT_SYSTEM_PROMPT.replace("{policy}", POLICY.strip())
 
     def call(call_id, name, arguments):
         return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
