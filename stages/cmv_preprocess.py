@@ -32,7 +32,7 @@ tokens and starts with `[...] `.
     python -m stages.cmv_preprocess --corpus data/raw/cmv --tokenizer models/base \
         --out data/persuasion/cmv.jsonl --metrics metrics/cmv_preprocess.json
 
-The corpus reader and the token-budget helpers below are shared with stages/p4g_preprocess.py.
+The ConvoKit reader is stages/lib/convokit.py; token bounds and truncation are stages/lib/persuasion.py.
 """
 
 import argparse
@@ -42,31 +42,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from stages.lib import StageError, run_stage
-from stages.lib.io import iter_jsonl, read_json, require_path, write_json, write_jsonl
+from stages.lib import run_stage
+from stages.lib.convokit import CONVERSATIONS, UTTERANCES, ancestors, read_conversations, read_utterances
+from stages.lib.io import require_path, write_json, write_jsonl
 from stages.lib.log import get_logger, log_config
-from stages.lib.models import load_tokenizer
 from stages.lib.params import DEFAULT_PARAMS, load_section
+from stages.lib.persuasion import (
+    Example, check_token_limits, finish_examples, open_tokenizer, render_turns, require_rows, summarize)
 
 log = get_logger("cmv_preprocess")
 
-UTTERANCES = "utterances.jsonl"
-CONVERSATIONS = "conversations.json"
-TRUNCATION_MARKER = "[...] "
 REMOVED_BODIES = {"[deleted]": "deleted", "[removed]": "removed"}
 # Reddit shows these in place of an author who is gone; two of them are not the same person.
 ANONYMOUS_SPEAKERS = {"", "[deleted]", "[removed]", "[missing]"}
-TOKENIZE_BATCH = 1000
 DROP_REASONS = ("deleted", "removed", "empty", "op_reply", "excluded_speaker", "too_short", "too_long")
-
-
-def check_token_limits(min_tokens: int, max_tokens: int, max_context_tokens: int | None) -> None:
-    if min_tokens < 1:
-        raise ValueError(f"min_tokens must be at least 1, got {min_tokens}")
-    if max_tokens < min_tokens:
-        raise ValueError(f"min_tokens must not exceed max_tokens ({min_tokens} > {max_tokens})")
-    if max_context_tokens is not None and max_context_tokens < 8:
-        raise ValueError(f"max_context_tokens must be at least 8 (or null for no limit), got {max_context_tokens}")
 
 
 @dataclass
@@ -78,100 +67,6 @@ class CmvPreprocessParams:
 
     def __post_init__(self):
         check_token_limits(self.min_tokens, self.max_tokens, self.max_context_tokens)
-
-
-@dataclass
-class Utterance:
-    id: str
-    conversation_id: str
-    speaker: str | None
-    reply_to: str | None
-    text: str
-    meta: dict
-    line: int
-
-
-@dataclass
-class Example:
-    context: str
-    response: str
-    metadata: dict
-
-
-def first_key(record: dict, keys: Sequence[str]) -> str | None:
-    return next((key for key in keys if key in record), None)
-
-
-def read_utterances(path: Path) -> dict[str, Utterance]:
-    """Utterances by id in file order, from either ConvoKit layout; reply-to targets are checked."""
-    utterances: dict[str, Utterance] = {}
-    for line, record in iter_jsonl(path, required=["id", "text"]):
-        conversation_key = first_key(record, ("conversation_id", "root"))
-        if conversation_key is None:
-            raise StageError(f"{path}:{line}: record missing required field 'conversation_id' (old layout: 'root')")
-        reply_key = first_key(record, ("reply-to", "reply_to"))
-        if reply_key is None:
-            raise StageError(f"{path}:{line}: record missing required field 'reply-to'")
-        text, meta = record["text"], record.get("meta")
-        if text is not None and not isinstance(text, str):
-            raise StageError(f"{path}:{line}: field 'text' must be a string, got {type(text).__name__}")
-        if meta is not None and not isinstance(meta, dict):
-            raise StageError(f"{path}:{line}: field 'meta' must be an object, got {type(meta).__name__}")
-        utterance_id = str(record["id"])
-        if utterance_id in utterances:
-            raise StageError(f"{path}:{line}: duplicate utterance id '{utterance_id}' "
-                             f"(first on line {utterances[utterance_id].line})")
-        speaker = record.get("speaker", record.get("user"))
-        reply_to = record[reply_key]
-        utterances[utterance_id] = Utterance(
-            id=utterance_id,
-            conversation_id=str(record[conversation_key]),
-            speaker=None if speaker is None else str(speaker),
-            reply_to=None if reply_to is None else str(reply_to),
-            text=text or "",
-            meta=meta or {},
-            line=line,
-        )
-    for utterance in utterances.values():
-        parent = utterances.get(utterance.reply_to) if utterance.reply_to is not None else None
-        if utterance.reply_to is not None and parent is None:
-            raise StageError(f"{path}:{utterance.line}: reply-to '{utterance.reply_to}' "
-                             f"is not an utterance in the corpus")
-        if parent is not None and parent.conversation_id != utterance.conversation_id:
-            raise StageError(f"{path}:{utterance.line}: reply-to '{utterance.reply_to}' is in conversation "
-                             f"'{parent.conversation_id}', not '{utterance.conversation_id}'")
-    return utterances
-
-
-def read_conversations(path: Path) -> dict[str, dict]:
-    """Conversation metadata by id: `{id: {"meta": {...}, "vectors": []}}` or the old `{id: {...meta...}}`."""
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise StageError(f"{path}: expected an object mapping conversation ids to their metadata, "
-                         f"got {type(data).__name__}")
-    metas = {}
-    for conversation_id, value in data.items():
-        if not isinstance(value, dict):
-            raise StageError(f"{path}: conversation '{conversation_id}': expected an object, "
-                             f"got {type(value).__name__}")
-        if "meta" in value and set(value) <= {"meta", "vectors"}:
-            value = value["meta"] if value["meta"] is not None else {}
-            if not isinstance(value, dict):
-                raise StageError(f"{path}: conversation '{conversation_id}': 'meta' must be an object")
-        metas[conversation_id] = value
-    return metas
-
-
-def ancestors(utterance: Utterance, utterances: dict[str, Utterance], path: Path) -> list[Utterance]:
-    """The reply-to chain above `utterance`, root first."""
-    chain = []
-    current = utterance
-    while current.reply_to is not None:
-        current = utterances[current.reply_to]
-        if current is utterance or len(chain) > len(utterances):
-            raise StageError(f"{path}:{utterance.line}: reply-to chain of '{utterance.id}' loops back on itself")
-        chain.append(current)
-    return chain[::-1]
 
 
 def clean_text(text: str | None) -> str:
@@ -186,112 +81,6 @@ def removed_reason(text: str) -> str | None:
 
 def same_person(a: str | None, b: str | None) -> bool:
     return a is not None and a == b and a not in ANONYMOUS_SPEAKERS
-
-
-def render_turns(turns: Sequence[tuple[str, str]], separator: str) -> str:
-    return separator.join(f"{label}: {text}" for label, text in turns)
-
-
-def count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:
-    counts = []
-    for start in range(0, len(texts), TOKENIZE_BATCH):
-        batch = list(texts[start:start + TOKENIZE_BATCH])
-        counts.extend(len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
-    return counts
-
-
-def truncate_front(tokenizer, texts: Sequence[str], budget: int | None) -> tuple[list[str], list[int], list[bool]]:
-    """Cut each text over `budget` tokens to its last tokens behind TRUNCATION_MARKER.
-
-    Returns (texts, token counts, truncated flags); with a budget larger than the marker,
-    every returned count is <= budget. Tokens can merge differently across the new boundary,
-    so a cut text is counted again and cut shorter by the excess until it fits.
-    """
-    texts = list(texts)
-    counts = count_tokens(tokenizer, texts)
-    truncated = [False] * len(texts)
-    if budget is None:
-        return texts, counts, truncated
-    marker_tokens = count_tokens(tokenizer, [TRUNCATION_MARKER])[0]
-    originals = {i: text for i, text in enumerate(texts) if counts[i] > budget}
-    keep = dict.fromkeys(originals, max(budget - marker_tokens, 0))
-    pending = sorted(originals)
-    while pending:
-        encodings = tokenizer([originals[i] for i in pending], add_special_tokens=False,
-                              return_offsets_mapping=True)["offset_mapping"]
-        for i, offsets in zip(pending, encodings):
-            cut = offsets[-keep[i]][0] if keep[i] > 0 else len(originals[i])
-            texts[i] = TRUNCATION_MARKER + originals[i][cut:].lstrip()
-            truncated[i] = True
-        recounted = count_tokens(tokenizer, [texts[i] for i in pending])
-        still_over = []
-        for i, count in zip(pending, recounted):
-            counts[i] = count
-            if count > budget and keep[i] > 0:
-                keep[i] = max(keep[i] - (count - budget), 0)
-                still_over.append(i)
-        pending = still_over
-    return texts, counts, truncated
-
-
-def open_tokenizer(path: Path):
-    try:
-        tokenizer = load_tokenizer(require_path(path, "tokenizer directory"))
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StageError(f"{path}: cannot load a tokenizer: {reason}") from None
-    if not tokenizer.is_fast:
-        raise StageError(f"{path}: needs a fast tokenizer (tokenizer.json) to cut contexts at token offsets")
-    return tokenizer
-
-
-def finish_examples(tokenizer, examples: list[Example], params, section: str, dropped: Counter) -> list[dict]:
-    """Apply the response token bounds and the context budget of `params`; return output rows."""
-    budget = params.max_context_tokens
-    if budget is not None:
-        marker_tokens = count_tokens(tokenizer, [TRUNCATION_MARKER])[0]
-        if marker_tokens >= budget:
-            raise StageError(f"{section}.max_context_tokens: {budget} leaves no room after the "
-                             f"truncation marker ({marker_tokens} tokens)")
-    response_tokens = count_tokens(tokenizer, [example.response for example in examples])
-    in_bounds = []
-    for example, tokens in zip(examples, response_tokens):
-        if tokens < params.min_tokens:
-            dropped["too_short"] += 1
-        elif tokens > params.max_tokens:
-            dropped["too_long"] += 1
-        else:
-            in_bounds.append((example, tokens))
-    contexts, context_tokens, truncated = truncate_front(
-        tokenizer, [example.context for example, _ in in_bounds], budget)
-    return [
-        {"context": context, "response": example.response,
-         "metadata": {**example.metadata, "response_tokens": tokens, "context_tokens": n_context,
-                      "context_truncated": was_truncated}}
-        for (example, tokens), context, n_context, was_truncated
-        in zip(in_bounds, contexts, context_tokens, truncated)
-    ]
-
-
-def summarize(rows: list[dict], candidates: int, dropped: Counter, reasons: Sequence[str]) -> dict:
-    kept = len(rows)
-    metrics = {"candidates": candidates, "kept": kept}
-    metrics.update({f"dropped_{reason}": dropped[reason] for reason in reasons})
-    metrics["conversations_kept"] = len({row["metadata"]["conversation_id"] for row in rows})
-    metrics["contexts_truncated"] = sum(row["metadata"]["context_truncated"] for row in rows)
-    for key in ("response_tokens", "context_tokens"):
-        values = [row["metadata"][key] for row in rows]
-        metrics[f"{key}_mean"] = round(sum(values) / kept, 2) if kept else 0
-        metrics[f"{key}_max"] = max(values, default=0)
-    return metrics
-
-
-def require_rows(rows: list[dict], source: Path, candidates: int, dropped: Counter, section: str) -> None:
-    if rows:
-        return
-    counts = ", ".join(f"{reason}={n}" for reason, n in sorted(dropped.items()) if n) or "none"
-    raise StageError(f"{source}: no examples left after filtering ({candidates} candidates; dropped {counts}); "
-                     f"check {section}.min_tokens / {section}.max_tokens")
 
 
 def build_examples(corpus: Path, params: CmvPreprocessParams) -> tuple[list[Example], int, Counter, dict]:

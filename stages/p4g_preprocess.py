@@ -16,7 +16,7 @@ Each persuader turn (role 0) is a response; the dialogue before it is its contex
 turn, labelled `Persuader:` / `Persuadee:`. The raw release splits some turns over several rows:
 consecutive rows of one dialogue with the same Turn and role are joined with a space. The
 opening turn has no context and is dropped (`no_context`). Token bounds and front truncation
-work as in stages/cmv_preprocess.py, whose helpers this stage shares.
+work as in stages/cmv_preprocess.py (both use stages/lib/persuasion.py).
 
     python -m stages.p4g_preprocess --corpus data/raw/p4g --tokenizer models/base \
         --out data/persuasion/p4g.jsonl --metrics metrics/p4g_preprocess.json
@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from stages.cmv_preprocess import (
-    CONVERSATIONS, UTTERANCES, Example, ancestors, check_token_limits, finish_examples, open_tokenizer,
-    read_conversations, read_utterances, render_turns, require_rows, summarize)
 from stages.lib import StageError, run_stage
+from stages.lib.convokit import CONVERSATIONS, UTTERANCES, ancestors, read_conversations, read_utterances
 from stages.lib.io import write_json, write_jsonl
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
+from stages.lib.persuasion import (
+    Example, check_token_limits, finish_examples, open_tokenizer, render_turns, require_rows, summarize)
 
 log = get_logger("p4g_preprocess")
 

@@ -1,4 +1,4 @@
-"""The few helpers every stage shares: params, io, logging, DVCLive, models."""
+"""What stages share: params, io, logging, DVCLive, models, chat rendering, ConvoKit reading."""
 
 from stages.lib.errors import StageError, run_stage
 
