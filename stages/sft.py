@@ -69,7 +69,7 @@ MANAGED = {"output_dir", "bf16", "fp16", "use_cpu", "report_to", "chat_template_
 class LoraParams:
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
 
 

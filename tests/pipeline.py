@@ -14,8 +14,17 @@ def tiny_overrides(tiny_model_dir: Path) -> dict:
     """Params that make every stage fast: the tiny model instead of the embedded one."""
     return {
         "base_model.source": str(tiny_model_dir),
-        # The tiny tokenizer spends about one token per 3 characters: make room for whole games.
+        # The tiny tokenizer spends about one token per 3 characters: make room for whole conversations.
         "persona_dataset.max_seq_len": 16384,
+        "sft.defaults.max_eval_examples": 4,
+        "sft.defaults.trainer.max_steps": 2,
+        "sft.defaults.trainer.eval_steps": 2,
+        "sft.defaults.trainer.save_steps": 2,
+        "sft.persona.trainer.max_length": 8192,
+        "sft.persuasion.trainer.max_length": 4096,
+        "sft.agent.trainer.max_length": 16384,
+        "reward_model.base": "policy",
+        "reward_model.trainer.num_train_epochs": 1,
     }
 
 
@@ -67,6 +76,13 @@ class PipelineRepo:
 
     def path(self, relative: str) -> Path:
         return self.root / relative
+
+
+ALL_STAGES = [
+    "base_model", "persona_dataset", "cmv_preprocess", "p4g_preprocess", "sft_dataset", "tau2_make",
+    "tau2_to_openai", "token_analysis@persona", "token_analysis@persuasion", "token_analysis@agent",
+    "sft@persona", "sft@persuasion", "sft@agent", "reward_model",
+]
 
 
 def stages_run(result: subprocess.CompletedProcess) -> list[str]:

@@ -6,17 +6,32 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages import sft
 from stages.base_model import BaseModelParams
+from stages.cmv_preprocess import CmvPreprocessParams
 from stages.lib.params import load_params, parse_section
+from stages.p4g_preprocess import P4gPreprocessParams
 from stages.persona_dataset import PersonaDatasetParams
+from stages.reward_model import RewardModelParams
+from stages.sft_dataset import SftDatasetParams
+from stages.tau2_make import Tau2MakeParams
+from stages.tau2_to_openai import Tau2ToOpenAIParams
 from stages.token_analysis import TokenAnalysisParams
 from tests.conftest import REPO_ROOT
 
 SECTIONS = {
     "base_model": BaseModelParams,
     "persona_dataset": PersonaDatasetParams,
+    "cmv_preprocess": CmvPreprocessParams,
+    "p4g_preprocess": P4gPreprocessParams,
+    "sft_dataset": SftDatasetParams,
+    "tau2_make": Tau2MakeParams,
+    "tau2_to_openai": Tau2ToOpenAIParams,
     "token_analysis": TokenAnalysisParams,
+    "reward_model": RewardModelParams,
 }
+# Sections of several parts, parsed by their stage's own loader.
+COMPOSITE_SECTIONS = {"sft"}
 # Sections that only dvc.yaml reads, through ${...} templating.
 TEMPLATE_SECTIONS = {"raw"}
 
@@ -26,12 +41,22 @@ def params() -> dict:
 
 
 def test_every_section_has_a_parser():
-    assert set(params()) == set(SECTIONS) | TEMPLATE_SECTIONS
+    assert set(params()) == set(SECTIONS) | COMPOSITE_SECTIONS | TEMPLATE_SECTIONS
 
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_section_parses(section):
     parse_section(params(), section, SECTIONS[section])
+
+
+def test_every_sft_workflow_parses_and_has_a_stage():
+    workflows = set(params()["sft"]) - {"defaults"}
+    for workflow in workflows:
+        config = sft.trainer_config(sft.load_sft_params(REPO_ROOT / "params.yaml", workflow)[0], workflow,
+                                    REPO_ROOT / "checkpoints", "fp32")
+        assert config.assistant_only_loss and not config.gradient_checkpointing
+    dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    assert set(dvc_yaml["stages"]["sft"]["foreach"]) == workflows
 
 
 def test_every_params_section_is_read_by_a_stage():
@@ -41,7 +66,7 @@ def test_every_params_section_is_read_by_a_stage():
         stage = stage.get("do", stage)
         for entry in stage.get("params", []):
             declared.update(entry if isinstance(entry, dict) else [entry.split(".")[0]])
-    assert set(SECTIONS) <= declared
+    assert set(SECTIONS) | COMPOSITE_SECTIONS <= declared
 
 
 def test_raw_inputs_exist_and_are_all_used():

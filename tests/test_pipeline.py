@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.pipeline import PipelineRepo, error_lines, stages_run, tiny_overrides
+from tests.pipeline import ALL_STAGES, PipelineRepo, error_lines, stages_run, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ def repo(tmp_path_factory, tiny_model_dir):
 
 def test_full_pipeline_runs_then_is_up_to_date(repo):
     first = repo.repro()
-    assert stages_run(first) == ["base_model", "persona_dataset", "token_analysis@persona"]
+    assert sorted(stages_run(first)) == sorted(ALL_STAGES)
 
     metrics = json.loads(repo.path("metrics/base_model.json").read_text())
     assert metrics["hidden_size"] == 32 and metrics["vocab_size"] == 384
@@ -29,6 +29,13 @@ def test_full_pipeline_runs_then_is_up_to_date(repo):
     assert len(train) == persona["train_games"] > 0
     analysis = json.loads(repo.path("metrics/token_analysis/persona.json").read_text())
     assert analysis["examples"] == persona["train_games"] + persona["val_games"]
+
+    for workflow in ("persona", "persuasion", "agent"):
+        sft = json.loads(repo.path(f"metrics/sft/{workflow}.json").read_text())
+        assert sft["steps"] == 2 and sft["tokens_seen"] > 0
+        assert (repo.path(f"models/sft/{workflow}") / "adapter_model.safetensors").is_file()
+    reward = json.loads(repo.path("metrics/reward_model.json").read_text())
+    assert reward["test_examples"] == 60 and 0 <= reward["roc_auc"] <= 1
 
     second = repo.repro()
     assert stages_run(second) == []
@@ -52,8 +59,8 @@ def test_changed_dataset_param_reruns_it_and_its_dependants(repo):
     repo.repro()
     repo.set_params({"persona_dataset.val_ratio": 0.4})
     try:
-        # The persona data changes, so its analysis follows; the base model does not.
-        assert stages_run(repo.repro()) == ["persona_dataset", "token_analysis@persona"]
+        # The persona data changes, so its analysis and fine-tuning follow; nothing else does.
+        assert sorted(stages_run(repo.repro())) == ["persona_dataset", "sft@persona", "token_analysis@persona"]
     finally:
         repo.set_params({"persona_dataset.val_ratio": 0.2})
         repo.repro()

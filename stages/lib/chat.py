@@ -67,9 +67,6 @@ def check_messages(messages, where: str) -> None:
             raise StageError(f"{where}: messages[{i}].content must be a string or null")
 
 
-MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id")
-
-
 def read_chat_records(path: Path) -> list[dict]:
     """Chat records `{"messages", "tools"?}` from a JSONL file, each checked and named by `file:line`."""
     from stages.lib.io import iter_jsonl
@@ -86,35 +83,20 @@ def read_chat_records(path: Path) -> list[dict]:
 
 
 def chat_dataset(records: list[dict]):
-    """A `datasets.Dataset` of chats that survives Arrow's schema merging.
+    """A `datasets.Dataset` of chats whose rows come back exactly as the records were.
 
-    Arrow gives every row the union of all rows' keys (missing ones become None), which
-    would corrupt tool JSON schemas; tools therefore travel as a JSON string (trl decodes
-    it), and messages all carry the same four keys.
+    Arrow would give every message the union of all messages' keys (missing ones as None) and
+    merge tool schemas the same way; each message is therefore stored as one JSON value, and
+    `tools` as JSON text, which trl decodes itself.
     """
-    from datasets import Dataset
+    from datasets import Dataset, Features, Json, List, Value
 
-    rows = []
-    for record in records:
-        messages = [{key: message.get(key) for key in MESSAGE_KEYS} for message in record["messages"]]
-        for message in messages:
-            if message["tool_calls"]:
-                message["tool_calls"] = [normalise_tool_call(call) for call in message["tool_calls"]]
-        row = {"messages": messages}
-        if any(r["tools"] for r in records):
-            row["tools"] = json.dumps(record["tools"], ensure_ascii=False) if record["tools"] else None
-        rows.append(row)
-    return Dataset.from_list(rows)
-
-
-def normalise_tool_call(call: dict) -> dict:
-    """OpenAI shape with arguments as a JSON string, whichever of the two shapes came in."""
-    function = call.get("function", call)
-    arguments = function.get("arguments", {})
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": call.get("id"), "type": "function",
-            "function": {"name": function.get("name"), "arguments": arguments}}
+    columns = {"messages": [[json.dumps(m, ensure_ascii=False) for m in r["messages"]] for r in records]}
+    features = {"messages": List(Json())}
+    if any(r.get("tools") for r in records):
+        columns["tools"] = [json.dumps(r["tools"], ensure_ascii=False) if r.get("tools") else None for r in records]
+        features["tools"] = Value("string")
+    return Dataset.from_dict(columns, features=Features(features))
 
 
 @dataclass
