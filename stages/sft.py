@@ -312,7 +312,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
     elapsed = time.perf_counter() - started
-    final_eval = trainer.evaluate()
+    # The trainer may have just evaluated at its last step; do not pay for the same pass twice.
+    final_eval = next((entry for entry in reversed(trainer.state.log_history)
+                       if "eval_loss" in entry and entry.get("step") == trainer.state.global_step), None)
+    final_eval = final_eval or trainer.evaluate()
 
     train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     tokens_seen = int(trainer.state.num_input_tokens_seen)

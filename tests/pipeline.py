@@ -16,10 +16,8 @@ def tiny_overrides(tiny_model_dir: Path) -> dict:
         "base_model.source": str(tiny_model_dir),
         # The tiny tokenizer spends about one token per 3 characters: make room for whole conversations.
         "persona_dataset.max_seq_len": 16384,
-        "sft.defaults.max_eval_examples": 4,
-        "sft.defaults.trainer.max_steps": 2,
-        "sft.defaults.trainer.eval_steps": 2,
-        "sft.defaults.trainer.save_steps": 2,
+        **{f"sft.{workflow}.{key}": value for workflow in ("persona", "persuasion", "agent") for key, value in {
+            "max_eval_examples": 2, "trainer.max_steps": 2, "trainer.eval_steps": 2, "trainer.save_steps": 2}.items()},
         "sft.persona.trainer.max_length": 8192,
         "sft.persuasion.trainer.max_length": 4096,
         "sft.agent.trainer.max_length": 16384,
