@@ -128,6 +128,15 @@ def check_precision(precision: str, workflow: str) -> None:
         raise StageError(f"sft.{workflow}.precision: fp16 needs a CUDA GPU; use auto, bf16 or fp32")
 
 
+def check_packing(config, workflow: str) -> None:
+    """Packed examples share one attention window unless FlashAttention honours their boundaries."""
+    import torch
+
+    if config.packing and not torch.cuda.is_available():
+        raise StageError(f"sft.{workflow}.trainer.packing: packed examples would attend to each other without "
+                         f"FlashAttention, which needs CUDA; leave packing off (batches are grouped by length)")
+
+
 def check_qlora(workflow: str) -> None:
     """Quantize and run one small layer, so a missing 4-bit backend fails here in one line."""
     import torch
@@ -251,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     key = checkpoint_key(merged, [args.train, args.eval], args.model)
     output_dir = args.checkpoints / workflow / key
     config = trainer_config(params, workflow, output_dir, precision)
+    check_packing(config, workflow)
     if is_main_process():
         log_config(log, f"sft.{workflow}", {**config_dict(params), "precision": precision, "checkpoints": str(output_dir)})
 

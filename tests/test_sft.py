@@ -169,6 +169,8 @@ def test_changed_params_start_fresh(workdir, tiny_model_dir, data, monkeypatch):
 @pytest.mark.parametrize("overrides, message", [
     ({"trainer": {"learnig_rate": 1e-3}}, r"^sft\.toy\.trainer\.learnig_rate: unknown key \(did you mean 'learning_rate'\?\)$"),
     ({"trainer": {"output_dir": "x"}}, r"^sft\.toy\.trainer: output_dir is set by the stage, not in params$"),
+    ({"trainer": {"packing": True}}, r"^sft\.toy\.trainer\.packing: packed examples would attend to each other "
+                                     r"without FlashAttention, which needs CUDA"),
     ({"method": "dora"}, r"^sft\.toy\.method: expected one of 'lora', 'qlora', 'full', got 'dora'$"),
     ({"lora": {"rank": 4}}, r"^sft\.toy\.lora\.rank: unknown key"),
     ({"precision": "fp16"}, r"^sft\.toy\.precision: fp16 needs a CUDA GPU"),
