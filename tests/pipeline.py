@@ -23,6 +23,7 @@ def tiny_overrides(tiny_model_dir: Path) -> dict:
         "sft.agent.trainer.max_length": 16384,
         "reward_model.base": "policy",
         "reward_model.trainer.num_train_epochs": 1,
+        "generate_preferences.max_new_tokens": 8,
     }
 
 
@@ -79,7 +80,7 @@ class PipelineRepo:
 ALL_STAGES = [
     "base_model", "persona_dataset", "cmv_preprocess", "p4g_preprocess", "sft_dataset", "tau2_make",
     "tau2_to_openai", "token_analysis@persona", "token_analysis@persuasion", "token_analysis@agent",
-    "sft@persona", "sft@persuasion", "sft@agent", "reward_model",
+    "sft@persona", "sft@persuasion", "sft@agent", "reward_model", "generate_preferences",
 ]
 
 

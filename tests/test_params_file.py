@@ -9,6 +9,7 @@ import yaml
 from stages import sft
 from stages.base_model import BaseModelParams
 from stages.cmv_preprocess import CmvPreprocessParams
+from stages.generate_preferences import GeneratePreferencesParams
 from stages.lib.params import load_params, parse_section
 from stages.p4g_preprocess import P4gPreprocessParams
 from stages.persona_dataset import PersonaDatasetParams
@@ -29,6 +30,7 @@ SECTIONS = {
     "tau2_to_openai": Tau2ToOpenAIParams,
     "token_analysis": TokenAnalysisParams,
     "reward_model": RewardModelParams,
+    "generate_preferences": GeneratePreferencesParams,
 }
 # Sections of several parts, parsed by their stage's own loader.
 COMPOSITE_SECTIONS = {"sft"}

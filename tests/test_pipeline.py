@@ -36,6 +36,9 @@ def test_full_pipeline_runs_then_is_up_to_date(repo):
         assert (repo.path(f"models/sft/{workflow}") / "adapter_model.safetensors").is_file()
     reward = json.loads(repo.path("metrics/reward_model.json").read_text())
     assert reward["test_examples"] == 60 and 0 <= reward["roc_auc"] <= 1
+    pools = json.loads(repo.path("metrics/generate_preferences.json").read_text())
+    assert (pools["ai_prompts"], pools["human_prompts"], pools["eval_prompts"]) == (24, 6, 12)
+    assert len(repo.path("data/preferences/eval.jsonl").read_text().splitlines()) == 12
 
     second = repo.repro()
     assert stages_run(second) == []

@@ -78,7 +78,8 @@ def read_chat_records(path: Path) -> list[dict]:
         tools = record.get("tools")
         if tools is not None and not isinstance(tools, list):
             raise StageError(f"{where}: 'tools' must be a list of function schemas")
-        records.append({"messages": record["messages"], "tools": tools or None, "where": where})
+        records.append({"messages": record["messages"], "tools": tools or None, "metadata": record.get("metadata"),
+                        "where": where})
     return records
 
 

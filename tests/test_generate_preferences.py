@@ -1,0 +1,92 @@
+import json
+
+import pytest
+
+from stages import generate_preferences
+from stages.lib import StageError
+from tests.chats import write_jsonl
+from tests.conftest import write_params
+
+
+def persuasion_record(conversation: int, turn: int) -> dict:
+    return {"messages": [
+        {"role": "system", "content": "Change their mind."},
+        {"role": "user", "content": f"OP: thread {conversation}, turn {turn}: tipping should go."},
+        {"role": "assistant", "content": "Consider the workers who rely on it."},
+    ], "metadata": {"source": "cmv", "conversation_id": f"t3_{conversation}", "utterance_id": f"t1_{conversation}_{turn}"}}
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    val = write_jsonl(tmp_path / "val.jsonl", [persuasion_record(c, t) for c in range(6) for t in range(2)])
+    test = write_jsonl(tmp_path / "test.jsonl", [persuasion_record(c, t) for c in range(6, 10) for t in range(3)])
+    return val, test
+
+
+def run(tmp_path, model, files, **section):
+    section = {"ai_pool_size": 6, "human_pool_size": 3, "eval_pool_size": 4, "max_new_tokens": 8,
+               "batch_size": 3, **section}
+    params = write_params(tmp_path / "params.yaml", {"generate_preferences": section})
+    return generate_preferences.main(["--params", str(params), "--model", str(model), "--prompts", *map(str, files),
+                                      "--out", str(tmp_path / "prefs"), "--metrics", str(tmp_path / "metrics.json")])
+
+
+def read_pool(tmp_path, pool):
+    return [json.loads(line) for line in (tmp_path / "prefs" / f"{pool}.jsonl").read_text().splitlines()]
+
+
+def test_pools_are_disjoint_by_conversation_with_two_responses_each(tmp_path, tiny_model_dir, prompt_files):
+    metrics = run(tmp_path, tiny_model_dir, prompt_files)
+    pools = {pool: read_pool(tmp_path, pool) for pool in ("ai", "human", "eval")}
+    assert {pool: len(rows) for pool, rows in pools.items()} == {"ai": 6, "human": 3, "eval": 4}
+    conversations = {pool: {r["metadata"]["conversation_id"] for r in rows} for pool, rows in pools.items()}
+    assert not conversations["ai"] & conversations["eval"] and not conversations["human"] & conversations["eval"]
+    assert not conversations["ai"] & conversations["human"]
+    for pool, rows in pools.items():
+        for row in rows:
+            assert row["metadata"]["pool"] == pool
+            assert row["metadata"]["prompt_id"] == f"cmv:{row['metadata']['utterance_id']}"
+            assert [m["role"] for m in row["prompt"]] == ["system", "user"]  # the reference answer is not in the prompt
+            assert isinstance(row["response_1"], str) and isinstance(row["response_2"], str)
+    assert 0 < metrics["generated_tokens"] <= 2 * 13 * 8
+    assert metrics["ai_prompts"] == 6 and metrics["generated_tokens_per_second"] > 0
+
+
+def test_same_seed_same_bytes_other_seed_other_pools(tmp_path, tiny_model_dir, prompt_files):
+    run(tmp_path, tiny_model_dir, prompt_files)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "prefs").iterdir()}
+    run(tmp_path, tiny_model_dir, prompt_files)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "prefs").iterdir()} == first
+    run(tmp_path, tiny_model_dir, prompt_files, seed=7)
+    assert (tmp_path / "prefs" / "eval.jsonl").read_bytes() != first["eval.jsonl"]
+
+
+def test_batched_samples_differ_between_the_two_responses(tmp_path, tiny_model_dir, prompt_files):
+    metrics = run(tmp_path, tiny_model_dir, prompt_files, max_new_tokens=12, temperature=1.5)
+    rows = [r for pool in ("ai", "human", "eval") for r in read_pool(tmp_path, pool)]
+    assert sum(r["response_1"] != r["response_2"] for r in rows) >= len(rows) - 1
+    assert metrics["identical_pairs"] == sum(r["response_1"] == r["response_2"] for r in rows)
+
+
+def test_asking_for_more_prompts_than_exist_says_how_many(tmp_path, tiny_model_dir, prompt_files):
+    with pytest.raises(StageError, match=r"^generate_preferences: the pools ask for 40 prompts \(ai 30 \+ human 5 \+ eval 5\) "
+                                         r"but only 24 prompts in 10 conversations exist"):
+        run(tmp_path, tiny_model_dir, prompt_files, ai_pool_size=30, human_pool_size=5, eval_pool_size=5)
+    assert not (tmp_path / "prefs").exists() and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"top_p": 0}, r"^generate_preferences\.top_p: must be in \(0, 1\], got 0.0$"),
+    ({"temperature": -1}, r"^generate_preferences\.temperature: must be positive"),
+    ({"ai_pool_size": -1}, r"^generate_preferences\.ai_pool_size: must not be negative"),
+    ({"pool_size": 3}, r"^generate_preferences\.pool_size: unknown key"),
+])
+def test_bad_params(tmp_path, tiny_model_dir, prompt_files, section, message):
+    with pytest.raises(StageError, match=message):
+        run(tmp_path, tiny_model_dir, prompt_files, **section)
+
+
+def test_prompts_need_provenance(tmp_path, tiny_model_dir):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": persuasion_record(0, 0)["messages"], "metadata": {}}])
+    with pytest.raises(StageError, match=r"bad\.jsonl:1: metadata needs conversation_id and utterance_id$"):
+        run(tmp_path, tiny_model_dir, [bad])
