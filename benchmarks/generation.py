@@ -1,8 +1,8 @@
 """Generated tokens/s of `generate_preferences`' batched sampling against a one-at-a-time loop.
 
 One run, same model, prompts and sampling settings:
-  batched  the stage's sample_pairs: left-padded batches, both responses of a prompt in the
-           same batch (num_return_sequences=2)
+  batched  the stage's sample_pairs: length-sorted left-padded batches, each prompt encoded
+           once and its KV cache shared by both responses
   loop     one prompt, one response per generate call, twice per prompt
 
     python benchmarks/generation.py --model models/sft/persuasion --prompts data/persuasion/sft/val.jsonl

@@ -14,8 +14,8 @@ Out: <out>/ai.jsonl     prompts an AI judge will label (RLAIF)
         --out data/preferences --metrics metrics/generate_preferences.json
 
 Pools are drawn by whole conversations, so no thread feeds both a training pool and the
-evaluation pool. Generation is batched: left-padded prompts, both samples of a prompt in the
-same batch (`num_return_sequences=2`).
+evaluation pool. Generation is batched: left-padded prompts of similar length, each encoded
+once, its KV cache shared by the two samples drawn from it.
 """
 
 import argparse
@@ -121,27 +121,42 @@ def load_policy(model_dir: Path):
 
 
 def sample_pairs(model, tokenizer, prompts: list[list[dict]], params: GeneratePreferencesParams, progress=None):
-    """Two sampled responses per prompt, and the number of tokens generated (up to each EOS)."""
+    """Two sampled responses per prompt, and the number of tokens generated (up to each EOS).
+
+    On long prompts the prompt pass dominates, so each prompt is encoded once and its KV cache
+    shared by both samples, and batches hold prompts of similar length (less padding).
+    """
     import torch
 
-    pairs, generated = [], 0
-    for start in range(0, len(prompts), params.batch_size):
-        batch = prompts[start:start + params.batch_size]
-        inputs = tokenizer.apply_chat_template(batch, add_generation_prompt=True, padding=True, return_tensors="pt",
-                                               return_dict=True)
+    lengths = [len(ids) for ids in tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
+                                                                 return_dict=True)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    pairs, generated = [None] * len(prompts), 0
+    for start in range(0, len(order), params.batch_size):
+        indices = order[start:start + params.batch_size]
+        inputs = tokenizer.apply_chat_template([prompts[i] for i in indices], add_generation_prompt=True,
+                                               padding=True, return_tensors="pt", return_dict=True)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
         with torch.no_grad():
-            output = model.generate(**inputs, do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                                    max_new_tokens=params.max_new_tokens, num_return_sequences=2,
+            # Left padding: positions count real tokens only, as generate() itself computes them.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                          use_cache=True).past_key_values
+            cache.batch_repeat_interleave(2)
+            output = model.generate(input_ids=ids.repeat_interleave(2, 0), attention_mask=mask.repeat_interleave(2, 0),
+                                    past_key_values=cache, do_sample=True, temperature=params.temperature,
+                                    top_p=params.top_p, max_new_tokens=params.max_new_tokens,
                                     pad_token_id=tokenizer.pad_token_id)
-        new = output[:, inputs["input_ids"].shape[1]:]
+        new = output[:, ids.shape[1]:]
         # A sample ends at its first EOS (included); what follows is padding.
         ended = new == tokenizer.eos_token_id
-        lengths = torch.where(ended.any(1), ended.int().argmax(1) + 1, new.shape[1])
-        generated += int(lengths.sum())
+        lengths_new = torch.where(ended.any(1), ended.int().argmax(1) + 1, new.shape[1])
+        generated += int(lengths_new.sum())
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        pairs.extend((texts[2 * i].strip(), texts[2 * i + 1].strip()) for i in range(len(batch)))
+        for j, i in enumerate(indices):
+            pairs[i] = (texts[2 * j].strip(), texts[2 * j + 1].strip())
         if progress:
-            progress.update(len(batch))
+            progress.update(len(indices))
     return pairs, generated
 
 

@@ -90,3 +90,20 @@ def test_prompts_need_provenance(tmp_path, tiny_model_dir):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": persuasion_record(0, 0)["messages"], "metadata": {}}])
     with pytest.raises(StageError, match=r"bad\.jsonl:1: metadata needs conversation_id and utterance_id$"):
         run(tmp_path, tiny_model_dir, [bad])
+
+
+def test_shared_prompt_cache_gives_what_plain_generation_gives(tiny_model_dir):
+    import torch
+
+    model, tokenizer = generate_preferences.load_policy(tiny_model_dir)
+    prompts = [persuasion_record(c, 0)["messages"][:2] for c in range(5)]
+    prompts[2][1]["content"] += " A much longer question, so the batch needs left padding." * 3
+    near_greedy = generate_preferences.GeneratePreferencesParams(temperature=1e-6, top_p=1.0, max_new_tokens=6,
+                                                                 batch_size=3)
+    pairs, _ = generate_preferences.sample_pairs(model, tokenizer, prompts, near_greedy)
+    for prompt, pair in zip(prompts, pairs):
+        inputs = tokenizer.apply_chat_template([prompt], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            output = model.generate(**inputs, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)
+        expected = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert pair == (expected, expected)
