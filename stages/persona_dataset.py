@@ -307,12 +307,7 @@ def count_tokens(tokenizer, messages: list[dict], add_generation_prompt: bool) -
 
 
 def open_tokenizer(path: Path):
-    require_path(path, "tokenizer directory")
-    try:
-        tokenizer = load_tokenizer(path)
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StageError(f"{path}: cannot load a tokenizer: {reason}") from None
+    tokenizer = load_tokenizer(path)
     if not tokenizer.chat_template:
         raise StageError(f"{path}: the tokenizer has no chat template")
     return tokenizer

@@ -40,9 +40,17 @@ def require_model_dir(path: str | Path, key: str) -> Path:
 
 
 def load_tokenizer(path: str | Path):
+    """A tokenizer from a model directory; a missing or unreadable one is a one-line error."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: tokenizer directory not found")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StageError(f"{path}: cannot load a tokenizer: {reason}") from None
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32"):

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError
-from stages.lib.io import require_path
 from stages.lib.models import load_tokenizer
 
 TRUNCATION_MARKER = "[...] "
@@ -76,11 +75,7 @@ def truncate_front(tokenizer, texts: Sequence[str], budget: int | None) -> tuple
 
 
 def open_tokenizer(path: Path):
-    try:
-        tokenizer = load_tokenizer(require_path(path, "tokenizer directory"))
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StageError(f"{path}: cannot load a tokenizer: {reason}") from None
+    tokenizer = load_tokenizer(path)
     if not tokenizer.is_fast:
         raise StageError(f"{path}: needs a fast tokenizer (tokenizer.json) to cut contexts at token offsets")
     return tokenizer
