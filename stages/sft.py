@@ -194,15 +194,14 @@ def load_model(model_dir: Path, params: SFTParams, precision: str):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
-    kwargs = {}
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    # Trained weights stay fp32 under bf16/fp16 autocast (mixed precision); QLoRA's frozen ones are 4-bit.
+    kwargs = {"dtype": torch.float32}
     if params.method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        kwargs = {"dtype": compute, "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
-    # Weights stay fp32 under bf16 autocast (mixed precision); 4-bit weights are stored quantized.
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32 if params.method != "qlora" else dtype,
-                                                **kwargs)
+            bnb_4bit_compute_dtype=compute)}
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
 
 
 def lora_config(params: SFTParams):
