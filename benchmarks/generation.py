@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages.generate_preferences import GeneratePreferencesParams, load_policy, read_prompts, sample_pairs  # noqa: E402
+from stages.generate_preferences import GeneratePreferencesParams, read_prompts, sample_pairs  # noqa: E402
+from stages.lib.policy import load_policy  # noqa: E402
 
 
 def loop_pairs(model, tokenizer, prompts, params):

@@ -29,7 +29,7 @@ from stages.lib import StageError, run_stage
 from stages.lib.chat import read_chat_records
 from stages.lib.io import atomic_dir, write_json, write_jsonl
 from stages.lib.log import get_logger, log_config
-from stages.lib.models import require_model_dir
+from stages.lib.policy import load_policy, require_policy_dir
 from stages.lib.params import DEFAULT_PARAMS, load_section
 
 log = get_logger("generate_preferences")
@@ -102,24 +102,6 @@ def draw_pools(prompts: list[dict], sizes: dict[str, int], seed: int) -> dict[st
     return pools
 
 
-def load_policy(model_dir: Path):
-    """A LoRA adapter is merged into its base for generation; a full model loads as is."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if (model_dir / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
-
-
 def sample_pairs(model, tokenizer, prompts: list[list[dict]], params: GeneratePreferencesParams, progress=None):
     """Two sampled responses per prompt, and the number of tokens generated (up to each EOS).
 
@@ -171,8 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     params = load_section(args.params, "generate_preferences", GeneratePreferencesParams)
     log_config(log, "generate_preferences", params)
-    if not (args.model / "adapter_config.json").is_file():
-        require_model_dir(args.model, "--model")
+    require_policy_dir(args.model, "--model")
     sizes = {pool: getattr(params, f"{pool}_pool_size") for pool in POOLS}
     pools = draw_pools(read_prompts(args.prompts), sizes, params.seed)
 

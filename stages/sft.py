@@ -18,7 +18,6 @@ killed mid-way resumes from its last checkpoint on the next `dvc repro`; changed
 """
 
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -34,7 +33,9 @@ from stages.lib.chat import chat_dataset, read_chat_records, resolve_chat_templa
 from stages.lib.io import atomic_dir, atomic_file, write_json
 from stages.lib.log import config_dict, get_logger, log_config
 from stages.lib.models import peak_memory_mb, require_model_dir, resolve_precision
-from stages.lib.params import DEFAULT_PARAMS, build, load_params
+from stages.lib.params import DEFAULT_PARAMS, build
+from stages.lib.training import (LoraParams, check_precision, is_main_process, load_variant_params, lora_config,
+                                 precision_flags)
 
 log = get_logger("sft")
 
@@ -66,14 +67,6 @@ MANAGED = {"output_dir", "bf16", "fp16", "use_cpu", "report_to", "chat_template_
 
 
 @dataclass
-class LoraParams:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
-
-
-@dataclass
 class SFTParams:
     method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraParams = field(default_factory=LoraParams)
@@ -89,43 +82,16 @@ class SFTParams:
             raise ValueError(f"trainer {managed[0]} is set by the stage, not in params")
 
 
-def merge(base: dict, override: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_sft_params(path: str, workflow: str) -> tuple[SFTParams, dict]:
-    """`sft.defaults` with `sft.<workflow>` on top; each part checked under its own name."""
-    section = load_params(path).get("sft")
-    if not isinstance(section, dict) or "defaults" not in section:
-        raise StageError("sft.defaults: section missing from params")
-    if workflow not in section:
-        raise StageError(f"sft.{workflow}: no such workflow in params (have: {', '.join(k for k in section if k != 'defaults')})")
-    build(SFTParams, section["defaults"], "sft.defaults")
-    merged = merge(section["defaults"] or {}, section[workflow] or {})
-    return build(SFTParams, merged, f"sft.{workflow}"), merged
+    return load_variant_params(path, "sft", workflow, SFTParams)
 
 
 def trainer_config(params: SFTParams, workflow: str, output_dir: Path, precision: str):
-    import torch
     from trl import SFTConfig
 
     values = {**TRAINER_DEFAULTS, **params.trainer}
-    values.update(output_dir=str(output_dir), report_to="none", bf16=precision == "bf16",
-                  fp16=precision == "fp16", use_cpu=not torch.cuda.is_available())
+    values.update(output_dir=str(output_dir), report_to="none", **precision_flags(precision))
     return build(SFTConfig, values, f"sft.{workflow}.trainer")
-
-
-def check_precision(precision: str, workflow: str) -> None:
-    import torch
-
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise StageError(f"sft.{workflow}.precision: fp16 needs a CUDA GPU; use auto, bf16 or fp32")
 
 
 def check_packing(config, workflow: str) -> None:
@@ -204,19 +170,6 @@ def load_model(model_dir: Path, params: SFTParams, precision: str):
     return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
 
 
-def lora_config(params: SFTParams):
-    if params.method == "full":
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
-                      target_modules=params.lora.target_modules, task_type="CAUSAL_LM")
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def model_card(workflow: str, params: dict, metrics: dict, model_dir: Path, data: dict[str, str], method: str) -> str:
     source = model_dir / "provenance.json"
     base = json.loads(source.read_text())["source"] if source.is_file() else str(model_dir)
@@ -252,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     params, merged = load_sft_params(args.params, workflow)
     require_model_dir(args.model, "--model")
     precision = resolve_precision(params.precision)
-    check_precision(precision, workflow)
+    check_precision(precision, f"sft.{workflow}.precision")
     if params.method == "qlora":
         check_qlora(workflow)
 
@@ -305,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         train_dataset=chat_dataset(train_records),
         eval_dataset=chat_dataset(eval_records),
         processing_class=tokenizer,
-        peft_config=lora_config(params),
+        peft_config=lora_config(params.method, params.lora),
         callbacks=callbacks,
     )
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None

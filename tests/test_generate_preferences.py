@@ -4,6 +4,7 @@ import pytest
 
 from stages import generate_preferences
 from stages.lib import StageError
+from stages.lib.policy import load_policy
 from tests.chats import write_jsonl
 from tests.conftest import write_params
 
@@ -95,7 +96,7 @@ def test_prompts_need_provenance(tmp_path, tiny_model_dir):
 def test_shared_prompt_cache_gives_what_plain_generation_gives(tiny_model_dir):
     import torch
 
-    model, tokenizer = generate_preferences.load_policy(tiny_model_dir)
+    model, tokenizer = load_policy(tiny_model_dir)
     prompts = [persuasion_record(c, 0)["messages"][:2] for c in range(5)]
     prompts[2][1]["content"] += " A much longer question, so the batch needs left padding." * 3
     near_greedy = generate_preferences.GeneratePreferencesParams(temperature=1e-6, top_p=1.0, max_new_tokens=6,

@@ -188,7 +188,7 @@ def test_unknown_workflow_and_bad_defaults(workdir, tiny_model_dir, data):
     params = write_params(workdir / "params.yaml", {"sft": {"defaults": {}, "persona": {}}})
     argv = ["--params", str(params), "--model", str(tiny_model_dir), "--train", str(data[0]), "--eval", str(data[1]),
             "--out", str(workdir / "out"), "--metrics", str(workdir / "m.json")]
-    with pytest.raises(StageError, match=r"^sft\.agent: no such workflow in params \(have: persona\)$"):
+    with pytest.raises(StageError, match=r"^sft\.agent: no such entry in params \(have: persona\)$"):
         sft.main(["--workflow", "agent", *argv])
     write_params(workdir / "params.yaml", {"sft": {"defaults": {"methd": "lora"}, "persona": {}}})
     with pytest.raises(StageError, match=r"^sft\.defaults\.methd: unknown key"):
