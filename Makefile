@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands in dvc.yaml say `python`: make it the venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install repro test test-fast benchmarks clean-venv
+.PHONY: install browser repro test test-fast benchmarks clean-venv
 
 install: $(STAMP)
 
@@ -20,13 +20,21 @@ $(STAMP): requirements.txt requirements-embedded.txt constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-embedded.txt
 	@touch $@
 
+# Headless Chromium and its driver (Debian packages) for the labelling tool's browser tests.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
+	  echo "chromium/chromedriver missing: the labelling tool's browser tests will be skipped"
+
 repro: $(STAMP)
 	$(BIN)/dvc repro
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(BIN)/python -m pytest -m "not slow"
 
 clean-venv:

@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import sft
+from stages import dpo, sft
 from stages.base_model import BaseModelParams
 from stages.cmv_preprocess import CmvPreprocessParams
 from stages.generate_preferences import GeneratePreferencesParams
+from stages.label_ai import LabelAIParams
+from stages.label_human import LabelHumanParams
 from stages.lib.params import load_params, parse_section
 from stages.p4g_preprocess import P4gPreprocessParams
 from stages.persona_dataset import PersonaDatasetParams
@@ -31,9 +33,11 @@ SECTIONS = {
     "token_analysis": TokenAnalysisParams,
     "reward_model": RewardModelParams,
     "generate_preferences": GeneratePreferencesParams,
+    "label_ai": LabelAIParams,
+    "label_human": LabelHumanParams,
 }
 # Sections of several parts, parsed by their stage's own loader.
-COMPOSITE_SECTIONS = {"sft"}
+COMPOSITE_SECTIONS = {"sft", "dpo"}
 # Sections that only dvc.yaml reads, through ${...} templating.
 TEMPLATE_SECTIONS = {"raw"}
 
@@ -59,6 +63,16 @@ def test_every_sft_workflow_parses_and_has_a_stage():
         assert config.assistant_only_loss and not config.gradient_checkpointing
     dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
     assert set(dvc_yaml["stages"]["sft"]["foreach"]) == workflows
+
+
+def test_every_dpo_variant_parses_and_has_a_stage():
+    variants = set(params()["dpo"]) - {"defaults"}
+    for variant in variants:
+        parsed = dpo.load_variant_params(REPO_ROOT / "params.yaml", "dpo", variant, dpo.DPOParams)[0]
+        config = dpo.trainer_config(parsed, variant, REPO_ROOT / "checkpoints", "fp32")
+        assert config.max_length > parsed.max_prompt_tokens and not config.gradient_checkpointing
+    dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    assert set(dvc_yaml["stages"]["dpo"]["foreach"]) == variants
 
 
 def test_every_params_section_is_read_by_a_stage():

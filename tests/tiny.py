@@ -84,3 +84,27 @@ def save_tiny_model(out_dir: Path, **model_kwargs) -> Path:
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+def save_tiny_reward_model(out_dir: Path, tokenizer, seed: int = 0) -> Path:
+    """A tiny two-class Llama classifier with reward.json, as the reward_model stage writes it."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from stages.lib.reward import REWARD_CONFIG
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=2,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():  # clearly different rows, so scores are not all near zero
+        model.score.weight.normal_(0, 1.0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    (out_dir / REWARD_CONFIG).write_text(json.dumps({"objective": "classification", "max_length": 32,
+                                                     "append_eos_token": False, "base": "tiny"}))
+    return out_dir

@@ -1,0 +1,146 @@
+"""Turn people's labels of the human preference pool into labelled pairs.
+
+In:  the human preference pool (generate_preferences' human.jsonl: prompt, response_1, response_2,
+     metadata.prompt_id); the git-tracked labels file written by the labelling tool, one line per
+     labelled prompt: {"prompt_id", "preference": "1" | "2" | "tie", "response_1", "response_2", "labeller"};
+     params `label_human`
+Out: <out>      one labelled pair per labelled prompt, in pool order:
+                {"prompt", "chosen", "rejected", "metadata": {...pool metadata, "grader": "human",
+                 "preference": "1" | "2", "is_equal", "labeller"}}  (a tie: is_equal true, chosen = response_1)
+     <metrics>  pool size, labelled, ties, preferred_1 / preferred_2, unlabelled, labels_on_earlier_samples
+
+    python -m stages.label_human --pool data/preferences/human.jsonl --labels data/raw/labels/human.jsonl \
+        --out data/labelled/human.jsonl --metrics metrics/label_human.json
+
+Label the pool with `python -m tools.label_server --pool data/preferences/human.jsonl
+--labels data/raw/labels/human.jsonl`. A label keeps the two texts the labeller saw, and chosen /
+rejected come from those texts: a label stays valid when the pool is regenerated with other samples
+for the same prompt (counted as labels_on_earlier_samples).
+"""
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from stages.lib import StageError, run_stage
+from stages.lib.io import iter_jsonl, write_json, write_jsonl
+from stages.lib.log import get_logger, log_config
+from stages.lib.params import DEFAULT_PARAMS, load_section
+
+log = get_logger("label_human")
+
+PREFERENCES = ("1", "2", "tie")
+LABEL_FIELDS = ("prompt_id", "preference", "response_1", "response_2", "labeller")
+POOL_FIELDS = ("prompt", "response_1", "response_2", "metadata")
+
+
+@dataclass
+class LabelHumanParams:
+    min_labels: int = 1  # fewer labels than this stops the stage: a half-labelled pool is not silently trained on
+
+    def __post_init__(self):
+        if self.min_labels < 1:
+            raise ValueError(f"min_labels must be at least 1, got {self.min_labels}")
+
+
+def read_pool(path: Path) -> list[dict]:
+    """Pool records in file order; every one needs a unique `metadata.prompt_id`."""
+    pool, seen = [], {}
+    for line, record in iter_jsonl(path, required=POOL_FIELDS):
+        metadata = record["metadata"]
+        prompt_id = metadata.get("prompt_id") if isinstance(metadata, dict) else None
+        if not isinstance(prompt_id, str) or not prompt_id:
+            raise StageError(f"{path}:{line}: record has no metadata.prompt_id")
+        for key in ("response_1", "response_2"):
+            if not isinstance(record[key], str):
+                raise StageError(f"{path}:{line}: '{key}' must be a string")
+        if prompt_id in seen:
+            raise StageError(f"{path}:{line}: duplicate prompt_id '{prompt_id}' (first at line {seen[prompt_id]})")
+        seen[prompt_id] = line
+        pool.append(record)
+    return pool
+
+
+def read_labels(path: Path) -> list[tuple[int, dict]]:
+    """`(line, label)` in file order: well-formed labels, at most one per prompt_id."""
+    labels, seen = [], {}
+    for line, label in iter_jsonl(path, required=LABEL_FIELDS):
+        for key in ("prompt_id", "response_1", "response_2", "labeller"):
+            if not isinstance(label[key], str):
+                raise StageError(f"{path}:{line}: '{key}' must be a string, got {label[key]!r}")
+        if label["preference"] not in PREFERENCES:
+            raise StageError(f"{path}:{line}: preference must be \"1\", \"2\" or \"tie\", got {label['preference']!r}")
+        prompt_id = label["prompt_id"]
+        if prompt_id in seen:
+            raise StageError(f"{path}:{line}: duplicate label for prompt_id '{prompt_id}' (first at line {seen[prompt_id]})")
+        seen[prompt_id] = line
+        labels.append((line, label))
+    return labels
+
+
+def labelled_pair(record: dict, label: dict) -> dict:
+    preference = label["preference"]
+    first, second = label["response_1"], label["response_2"]
+    chosen, rejected = (second, first) if preference == "2" else (first, second)
+    metadata = {**record["metadata"], "grader": "human", "preference": "2" if preference == "2" else "1",
+                "is_equal": preference == "tie", "labeller": label["labeller"]}
+    return {"prompt": record["prompt"], "chosen": chosen, "rejected": rejected, "metadata": metadata}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default=DEFAULT_PARAMS)
+    parser.add_argument("--pool", required=True, type=Path, help="the human preference pool (JSONL)")
+    parser.add_argument("--labels", required=True, type=Path, help="the labels file written by tools.label_server")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--metrics", required=True, type=Path)
+    args = parser.parse_args(argv)
+
+    params = load_section(args.params, "label_human", LabelHumanParams)
+    log_config(log, "label_human", params)
+
+    label_command = f"`python -m tools.label_server --pool {args.pool} --labels {args.labels}`"
+    pool = read_pool(args.pool)
+    if not args.labels.exists():
+        raise StageError(f"{args.labels}: labels file not found; label the pool with {label_command}")
+    labels = read_labels(args.labels)
+    if not labels:
+        raise StageError(f"{args.labels}: no labels; label the pool with {label_command}")
+    by_prompt = {record["metadata"]["prompt_id"]: record for record in pool}
+    for line, label in labels:
+        if label["prompt_id"] not in by_prompt:
+            raise StageError(f"{args.labels}:{line}: prompt_id '{label['prompt_id']}' is not in the pool {args.pool} "
+                             f"(a label for an earlier pool? remove the line)")
+    if len(labels) < params.min_labels:
+        raise StageError(f"label_human.min_labels: {args.labels} has {len(labels)} labels, fewer than the "
+                         f"{params.min_labels} asked for; label more with {label_command}")
+
+    label_of = {label["prompt_id"]: label for _, label in labels}
+    pairs, earlier = [], 0
+    for record in pool:
+        label = label_of.get(record["metadata"]["prompt_id"])
+        if label is None:
+            continue
+        pairs.append(labelled_pair(record, label))
+        earlier += (label["response_1"], label["response_2"]) != (record["response_1"], record["response_2"])
+
+    preferences = [label["preference"] for label in label_of.values()]
+    metrics = {
+        "pool_prompts": len(pool),
+        "labelled": len(pairs),
+        "ties": preferences.count("tie"),
+        "preferred_1": preferences.count("1"),
+        "preferred_2": preferences.count("2"),
+        "unlabelled": len(pool) - len(pairs),
+        "labels_on_earlier_samples": earlier,
+    }
+    write_jsonl(args.out, pairs)
+    write_json(args.metrics, metrics)
+    log.info("%d of %d prompts labelled (%d ties, %d on earlier samples)", len(pairs), len(pool),
+             metrics["ties"], earlier)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_stage(main)
