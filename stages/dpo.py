@@ -123,8 +123,9 @@ def fit_prompt(messages: list[dict], tokenizer, max_tokens: int, key: str) -> tu
         ids = tokenizer(messages[longest]["content"], add_special_tokens=False)["input_ids"]
         keep = len(ids) - excess - len(tokenizer(CUT_MARK, add_special_tokens=False)["input_ids"]) - 2
         if keep < 8:
-            raise StageError(f"{key}: {max_tokens} tokens cannot hold this prompt even with its longest message "
-                             f"cut down (the rest alone needs about {len(ids) - keep + max_tokens - len(ids)} more)")
+            rest = excess + max_tokens - len(ids)
+            raise StageError(f"{key}: {max_tokens} is too small: without its longest message a prompt already "
+                             f"takes about {rest} tokens")
         head = keep // 4
         content = tokenizer.decode(ids[:head]) + CUT_MARK + tokenizer.decode(ids[len(ids) - (keep - head):])
         messages[longest] = {**messages[longest], "content": content}

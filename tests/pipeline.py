@@ -24,6 +24,9 @@ def tiny_overrides(tiny_model_dir: Path) -> dict:
         "reward_model.base": "policy",
         "reward_model.trainer.num_train_epochs": 1,
         "generate_preferences.max_new_tokens": 8,
+        # The tiny tokenizer needs about 150 tokens for the system prompt alone.
+        "dpo.defaults.max_prompt_tokens": 256,
+        "dpo.defaults.trainer.max_length": 320,
     }
 
 
@@ -76,11 +79,24 @@ class PipelineRepo:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
+    def label_human_pool(self) -> list[str]:
+        """Label the human pool as a person would with the labelling tool: 1, 2, tie, 1, 2, tie, ..."""
+        from tools.label_server import LabelStore
+
+        labels = self.path(self.params()["raw"]["human_labels"])
+        labels.unlink(missing_ok=True)  # the shipped labels belong to the embedded model's pool
+        store = LabelStore(self.path("data/preferences/human.jsonl"), labels, "test")
+        preferences = [("1", "2", "tie")[i % 3] for i in range(len(store.prompt_ids))]
+        for prompt_id, preference in zip(store.prompt_ids, preferences):
+            store.set_label(prompt_id, preference)
+        return preferences
+
 
 ALL_STAGES = [
     "base_model", "persona_dataset", "cmv_preprocess", "p4g_preprocess", "sft_dataset", "tau2_make",
     "tau2_to_openai", "token_analysis@persona", "token_analysis@persuasion", "token_analysis@agent",
-    "sft@persona", "sft@persuasion", "sft@agent", "reward_model", "generate_preferences",
+    "sft@persona", "sft@persuasion", "sft@agent", "reward_model", "generate_preferences", "label_ai", "label_human",
+    "dpo@rlhf", "dpo@rlaif", "dpo@rlaif_rlhf",
 ]
 
 

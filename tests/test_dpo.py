@@ -126,6 +126,9 @@ def test_long_prompts_lose_their_middle():
     assert content.startswith("OP: the") and content.endswith("last point?") and dpo.CUT_MARK in content
     assert fitted[0] == SYSTEM
     assert dpo.fit_prompt(messages[:1], tokenizer, 60, "key") == (messages[:1], False)
+    with pytest.raises(StageError, match=r"^key: 12 is too small: without its longest message a prompt already "
+                                         r"takes about \d+ tokens$"):
+        dpo.fit_prompt(messages, tokenizer, 12, "key")
 
 
 @pytest.mark.parametrize("defaults, message", [

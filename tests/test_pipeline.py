@@ -13,12 +13,15 @@ pytestmark = pytest.mark.slow
 def repo(tmp_path_factory, tiny_model_dir):
     repo = PipelineRepo.copy_of_project(tmp_path_factory.mktemp("pipeline") / "repo")
     repo.set_params(tiny_overrides(tiny_model_dir))
+    # As a user would: sample the preference pools, label the human pool, then run the rest.
+    repo.upstream = stages_run(repo.repro("generate_preferences"))
+    repo.preferences = repo.label_human_pool()
     return repo
 
 
 def test_full_pipeline_runs_then_is_up_to_date(repo):
     first = repo.repro()
-    assert sorted(stages_run(first)) == sorted(ALL_STAGES)
+    assert sorted(repo.upstream + stages_run(first)) == sorted(ALL_STAGES)
 
     metrics = json.loads(repo.path("metrics/base_model.json").read_text())
     assert metrics["hidden_size"] == 32 and metrics["vocab_size"] == 384
@@ -39,6 +42,17 @@ def test_full_pipeline_runs_then_is_up_to_date(repo):
     pools = json.loads(repo.path("metrics/generate_preferences.json").read_text())
     assert (pools["ai_prompts"], pools["human_prompts"], pools["eval_prompts"]) == (24, 6, 12)
     assert len(repo.path("data/preferences/eval.jsonl").read_text().splitlines()) == 12
+
+    judged = json.loads(repo.path("metrics/label_ai.json").read_text())
+    assert (judged["ai"]["pairs"], judged["eval"]["pairs"]) == (24, 12)
+    human = [json.loads(line) for line in repo.path("data/labelled/human.jsonl").read_text().splitlines()]
+    assert [p["metadata"]["preference"] for p in human] == [{"tie": "1"}.get(p, p) for p in repo.preferences]
+    assert [p["metadata"]["is_equal"] for p in human] == [p == "tie" for p in repo.preferences]
+    for variant, pairs in (("rlhf", 4), ("rlaif", 24 - judged["ai"]["ties"]), ("rlaif_rlhf", 4)):
+        dpo = json.loads(repo.path(f"metrics/dpo/{variant}.json").read_text())
+        assert dpo["train_pairs"] == pairs and dpo["eval_reward_margin_before"] == 0, variant
+    stack = json.loads(repo.path("models/dpo/rlaif_rlhf/stack.json").read_text())
+    assert stack == {"base": "models/base", "adapters": ["models/sft/persuasion", "models/dpo/rlaif"]}
 
     second = repo.repro()
     assert stages_run(second) == []
