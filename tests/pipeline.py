@@ -27,6 +27,10 @@ def tiny_overrides(tiny_model_dir: Path) -> dict:
         # The tiny tokenizer needs about 150 tokens for the system prompt alone.
         "dpo.defaults.max_prompt_tokens": 256,
         "dpo.defaults.trainer.max_length": 320,
+        "rl.steps": 2,
+        "rl.eval_prompts": 2,
+        "rl.eval_generations": 2,
+        "rl.response_length": 8,
     }
 
 
@@ -96,7 +100,7 @@ ALL_STAGES = [
     "base_model", "persona_dataset", "cmv_preprocess", "p4g_preprocess", "sft_dataset", "tau2_make",
     "tau2_to_openai", "token_analysis@persona", "token_analysis@persuasion", "token_analysis@agent",
     "sft@persona", "sft@persuasion", "sft@agent", "reward_model", "generate_preferences", "label_ai", "label_human",
-    "dpo@rlhf", "dpo@rlaif", "dpo@rlaif_rlhf",
+    "dpo@rlhf", "dpo@rlaif", "dpo@rlaif_rlhf", "rl",
 ]
 
 

@@ -16,6 +16,7 @@ from stages.lib.params import load_params, parse_section
 from stages.p4g_preprocess import P4gPreprocessParams
 from stages.persona_dataset import PersonaDatasetParams
 from stages.reward_model import RewardModelParams
+from stages.rl import RLParams
 from stages.sft_dataset import SftDatasetParams
 from stages.tau2_make import Tau2MakeParams
 from stages.tau2_to_openai import Tau2ToOpenAIParams
@@ -35,6 +36,7 @@ SECTIONS = {
     "generate_preferences": GeneratePreferencesParams,
     "label_ai": LabelAIParams,
     "label_human": LabelHumanParams,
+    "rl": RLParams,
 }
 # Sections of several parts, parsed by their stage's own loader.
 COMPOSITE_SECTIONS = {"sft", "dpo"}
