@@ -31,6 +31,10 @@ def tiny_overrides(tiny_model_dir: Path) -> dict:
         "rl.eval_prompts": 2,
         "rl.eval_generations": 2,
         "rl.response_length": 8,
+        "evaluate.persuasion.max_new_tokens": 8,
+        "evaluate.agent.max_new_tokens": 8,
+        "evaluate.persona.max_new_tokens": 8,
+        "evaluate.perplexity.max_examples": 4,
     }
 
 
@@ -101,6 +105,9 @@ ALL_STAGES = [
     "tau2_to_openai", "token_analysis@persona", "token_analysis@persuasion", "token_analysis@agent",
     "sft@persona", "sft@persuasion", "sft@agent", "reward_model", "generate_preferences", "label_ai", "label_human",
     "dpo@rlhf", "dpo@rlaif", "dpo@rlaif_rlhf", "rl",
+    *(f"evaluate@{model}" for model in ("base", "sft_persona", "sft_persuasion", "sft_agent", "dpo_rlhf", "dpo_rlaif",
+                                        "dpo_rlaif_rlhf", "rl")),
+    "report",
 ]
 
 

@@ -9,6 +9,7 @@ import yaml
 from stages import dpo, sft
 from stages.base_model import BaseModelParams
 from stages.cmv_preprocess import CmvPreprocessParams
+from stages.evaluate import EvaluateParams
 from stages.generate_preferences import GeneratePreferencesParams
 from stages.label_ai import LabelAIParams
 from stages.label_human import LabelHumanParams
@@ -37,6 +38,7 @@ SECTIONS = {
     "label_ai": LabelAIParams,
     "label_human": LabelHumanParams,
     "rl": RLParams,
+    "evaluate": EvaluateParams,
 }
 # Sections of several parts, parsed by their stage's own loader.
 COMPOSITE_SECTIONS = {"sft", "dpo"}

@@ -53,6 +53,17 @@ def test_full_pipeline_runs_then_is_up_to_date(repo):
         assert dpo["train_pairs"] == pairs and dpo["eval_reward_margin_before"] == 0, variant
     stack = json.loads(repo.path("models/dpo/rlaif_rlhf/stack.json").read_text())
     assert stack == {"base": "models/base", "adapters": ["models/sft/persuasion", "models/dpo/rlaif"]}
+    rl = json.loads(repo.path("metrics/rl.json").read_text())
+    assert (rl["algorithm"], rl["steps"], rl["eval_replies"]) == ("ppo", 2, 4)
+
+    evals = {path.stem: json.loads(path.read_text()) for path in repo.path("metrics/eval").glob("*.json")}
+    assert set(evals) == {"base", "sft_persona", "sft_persuasion", "sft_agent", "dpo_rlhf", "dpo_rlaif",
+                          "dpo_rlaif_rlhf", "rl"}
+    assert set(evals["base"]) >= {"persuasion", "agent", "persona", "style", "perplexity"}
+    assert evals["base"]["style"]["kl_to_reference"] == 0 and evals["rl"]["style"]["kl_to_reference"] != 0
+    assert evals["dpo_rlaif"]["persuasion"]["prompts"] == 12 and evals["sft_agent"]["agent"]["tool_prompts"] == 4
+    summary = repo.path("reports/summary.md").read_text()
+    assert all(f"| {name} |" in summary for name in evals) and "![win_rate.png](win_rate.png)" in summary
 
     second = repo.repro()
     assert stages_run(second) == []

@@ -1,0 +1,397 @@
+"""Evaluate one model of the pipeline on held-out data that no stage trained on.
+
+In:  --model   any policy the pipeline wrote: models/base, an SFT / DPO / RL adapter (with its stack), a full model
+     --tasks   comma-separated, any of:
+       persuasion  one sampled reply per prompt of the final-eval pool (data/preferences/eval.jsonl, two SFT
+                   samples per prompt), judged by the reward model against both SFT samples: win rate with a
+                   bootstrap 95% interval, mean reward
+       agent       assistant-token loss on the agent test split; tool-call validity at its tool-calling turns
+                   (the call parses, names a tool of the record's schemas, its arguments fit that tool's schema)
+       persona     share of greedy outputs on the persona val split that are JSON with exactly N types, each
+                   text holding every REQUIRED_HEADER of its prompt
+       style       mean reward of replies to the RL stage's held-out starters (`rl` params: same split, seed,
+                   temperature, length) and KL to --reference (the RL start policy)
+       perplexity  assistant-token perplexity on the persuasion test split
+     params `evaluate` (sample sizes, generation settings), `rl` (style)
+Out: metrics/eval/<name>.json   one block per task
+     plots/eval/<name>/         per-prompt rewards (persuasion_rewards.tsv, style_rewards.tsv) and samples.jsonl
+
+    python -m stages.evaluate --model models/dpo/rlaif --name dpo_rlaif --tasks persuasion,perplexity \
+        --out metrics/eval/dpo_rlaif.json --samples plots/eval/dpo_rlaif
+"""
+
+import argparse
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from stages.lib import StageError, run_stage
+from stages.lib.chat import read_chat_records, resolve_chat_template
+from stages.lib.io import atomic_file, iter_jsonl, require_path, write_json, write_jsonl
+from stages.lib.log import get_logger, log_config
+from stages.lib.params import DEFAULT_PARAMS, load_params, parse_section
+from stages.lib.policy import load_policy, policy_stack, require_policy_dir
+from stages.lib.schema import schema_errors
+
+log = get_logger("evaluate")
+
+TASKS = ("persuasion", "agent", "persona", "style", "perplexity")
+
+
+def _at_least(obj, names: Sequence[str], least: int = 1) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+
+
+@dataclass
+class PersuasionEval:
+    max_prompts: int | None = None  # null: the whole final-eval pool
+    max_new_tokens: int = 64  # as generate_preferences, so the model's replies compare with the SFT samples
+    temperature: float = 0.9
+    top_p: float = 0.95
+
+    def __post_init__(self):
+        _at_least(self, ["max_prompts", "max_new_tokens"])
+
+
+@dataclass
+class AgentEval:
+    max_examples: int | None = 4  # test conversations for the assistant-token loss (about 4.5k tokens each)
+    max_tool_prompts: int = 4  # tool-calling turns to generate at, in file order
+    max_new_tokens: int = 96
+
+    def __post_init__(self):
+        _at_least(self, ["max_examples", "max_tool_prompts", "max_new_tokens"])
+
+
+@dataclass
+class PersonaEval:
+    max_examples: int | None = 2
+    max_new_tokens: int = 512
+
+    def __post_init__(self):
+        _at_least(self, ["max_examples", "max_new_tokens"])
+
+
+@dataclass
+class PerplexityEval:
+    max_examples: int | None = 16
+
+    def __post_init__(self):
+        _at_least(self, ["max_examples"])
+
+
+@dataclass
+class EvaluateParams:
+    batch_size: int = 8  # prompts per generate call
+    seed: int = 42
+    bootstrap_resamples: int = 2000  # for the win rate's 95% interval
+    persuasion: PersuasionEval = field(default_factory=PersuasionEval)
+    agent: AgentEval = field(default_factory=AgentEval)
+    persona: PersonaEval = field(default_factory=PersonaEval)
+    perplexity: PerplexityEval = field(default_factory=PerplexityEval)
+
+    def __post_init__(self):
+        _at_least(self, ["batch_size", "bootstrap_resamples"])
+
+
+def parse_tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise StageError(f"--tasks: unknown task '{unknown[0] if unknown else text}' (have: {', '.join(TASKS)})")
+    return list(dict.fromkeys(tasks))
+
+
+def first(items: list, limit: int | None) -> list:
+    return items if limit is None else items[:limit]
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, seed: int,
+             temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+    """One reply per rendered prompt (greedy at temperature 0), in batches of similar length, left-padded."""
+    import torch
+
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    replies = [""] * len(prompts)
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        inputs = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    **sampling)
+        texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, text in zip(indices, texts):
+            replies[i] = text.strip()
+    return replies
+
+
+def render(tokenizer, messages: list[dict], template: str | None = None, tools=None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def assistant_nll(model, tokenizer, records: list[dict]) -> tuple[float, int]:
+    """Summed negative log-likelihood of the assistant tokens of `records`, and their count."""
+    import torch
+
+    total, count = 0.0, 0
+    for record in records:
+        tools = record.get("tools")
+        template = resolve_chat_template(tokenizer, "auto", needs_assistant_mask=True, needs_tools=bool(tools))
+        encoded = tokenizer.apply_chat_template(record["messages"], tools=tools, chat_template=template,
+                                                tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids = torch.tensor([encoded["input_ids"]], device=model.device)
+        mask = torch.tensor(encoded["assistant_masks"][1:], dtype=torch.bool, device=model.device)
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1].float()
+        losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        total += float(losses[mask].sum())
+        count += int(mask.sum())
+    return total, count
+
+
+def bootstrap_interval(values: list[float], resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of the mean of `values`, resampling them with replacement."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def win(score: float, other: float) -> float:
+    return 1.0 if score > other else 0.5 if score == other else 0.0
+
+
+def eval_persuasion(model, tokenizer, params: EvaluateParams, pool_path: Path, reward_fn, samples: list) -> dict:
+    rows = [record for _, record in iter_jsonl(pool_path, required=("prompt", "response_1", "response_2"))]
+    rows = first(rows, params.persuasion.max_prompts)
+    if not rows:
+        raise StageError(f"{pool_path}: no prompts to evaluate on")
+    p = params.persuasion
+    replies = generate(model, tokenizer, [render(tokenizer, r["prompt"]) for r in rows], p.max_new_tokens,
+                       params.batch_size, params.seed, p.temperature, p.top_p)
+    scores = reward_fn([text for r, reply in zip(rows, replies) for text in (reply, r["response_1"], r["response_2"])])
+    wins, per_prompt = [], []
+    for i, (row, reply) in enumerate(zip(rows, replies)):
+        own, sft_1, sft_2 = scores[3 * i:3 * i + 3]
+        wins.append((win(own, sft_1) + win(own, sft_2)) / 2)
+        prompt_id = row.get("metadata", {}).get("prompt_id", i)
+        per_prompt.append({"prompt_id": prompt_id, "reward": own, "sft_reward_1": sft_1, "sft_reward_2": sft_2})
+        samples.append({"task": "persuasion", "prompt_id": prompt_id, "reply": reply, "reward": round(own, 4)})
+    low, high = bootstrap_interval(wins, params.bootstrap_resamples, params.seed)
+    own_rewards = [r["reward"] for r in per_prompt]
+    sft_rewards = [r[k] for r in per_prompt for k in ("sft_reward_1", "sft_reward_2")]
+    return {"win_rate_vs_sft": round(sum(wins) / len(wins), 4), "win_rate_low": round(low, 4),
+            "win_rate_high": round(high, 4), "mean_reward": round(sum(own_rewards) / len(own_rewards), 4),
+            "sft_mean_reward": round(sum(sft_rewards) / len(sft_rewards), 4), "prompts": len(rows)}, per_prompt
+
+
+TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+
+
+def check_tool_calls(text: str, tools: list[dict]) -> dict:
+    """Whether `text` calls tools, and whether every call parses, names a known tool and fits its schema."""
+    schemas = {t["function"]["name"]: t["function"].get("parameters", {}) for t in tools if "function" in t}
+    blocks = TOOL_CALL.findall(text)
+    result = {"called": bool(blocks), "parsed": bool(blocks), "known_tool": bool(blocks), "valid": bool(blocks),
+              "errors": []}
+    for block in blocks:
+        try:
+            call = json.loads(block)
+            arguments = call["arguments"]
+            if isinstance(arguments, str):
+                arguments = json.loads(arguments)
+            name = call["name"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            result.update(parsed=False, known_tool=False, valid=False)
+            result["errors"].append(f"unparsable call: {type(err).__name__}")
+            continue
+        if name not in schemas:
+            result.update(known_tool=False, valid=False)
+            result["errors"].append(f"unknown tool {name!r}")
+            continue
+        errors = schema_errors(arguments, schemas[name])
+        if errors:
+            result["valid"] = False
+            result["errors"].extend(f"{name}: {e}" for e in errors)
+    return result
+
+
+def eval_agent(model, tokenizer, params: EvaluateParams, test_path: Path, samples: list) -> dict:
+    records = read_chat_records(test_path)
+    nll, tokens = assistant_nll(model, tokenizer, first(records, params.agent.max_examples))
+    turns = [(record, i) for record in records for i, m in enumerate(record["messages"])
+             if m["role"] == "assistant" and m.get("tool_calls")][:params.agent.max_tool_prompts]
+    prompts = []
+    for record, i in turns:
+        template = resolve_chat_template(tokenizer, "auto", needs_assistant_mask=False, needs_tools=True)
+        prompts.append(render(tokenizer, record["messages"][:i], template, record.get("tools")))
+    replies = generate(model, tokenizer, prompts, params.agent.max_new_tokens, params.batch_size, params.seed)
+    checks = [check_tool_calls(reply, record.get("tools") or []) for (record, _), reply in zip(turns, replies)]
+    for (record, i), reply, check in zip(turns, replies, checks):
+        expected = [c["function"]["name"] for c in record["messages"][i]["tool_calls"]]
+        samples.append({"task": "agent", "turn": i, "expected_tools": expected, "reply": reply, **check})
+    share = lambda key: round(sum(c[key] for c in checks) / len(checks), 4) if checks else None  # noqa: E731
+    return {"assistant_token_loss": round(nll / tokens, 4), "assistant_tokens": tokens,
+            "examples": min(len(records), params.agent.max_examples or len(records)),
+            "tool_prompts": len(checks), "tool_call_rate": share("called"), "tool_call_parsed": share("parsed"),
+            "tool_call_known_tool": share("known_tool"), "tool_call_validity": share("valid")}
+
+
+HEADER = re.compile(r"<[A-Z][A-Z_]*>")
+
+
+def check_persona(text: str, n_types: int, headers: list[str]) -> dict:
+    body = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
+    try:
+        types = json.loads(body)["types"]
+        texts = [t["text"] for t in types]
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return {"valid_json": False, "right_count": False, "all_headers": False, "valid": False}
+    right_count = len(texts) == n_types
+    all_headers = bool(texts) and all(h in t for t in texts for h in headers)
+    return {"valid_json": True, "right_count": right_count, "all_headers": all_headers,
+            "valid": right_count and all_headers}
+
+
+def eval_persona(model, tokenizer, params: EvaluateParams, val_path: Path, samples: list) -> dict:
+    lines = first(list(iter_jsonl(val_path, required=("messages", "n_players"))), params.persona.max_examples)
+    records, prompts, expected = [], [], []
+    for number, record in lines:
+        user = next((m.get("content") or "" for m in record["messages"] if m.get("role") == "user"), "")
+        line = next((line for line in user.splitlines() if line.startswith("REQUIRED_HEADERS:")), None)
+        if line is None:
+            raise StageError(f"{val_path}:{number}: the user turn has no REQUIRED_HEADERS line")
+        records.append(record)
+        expected.append((record["n_players"], HEADER.findall(line)))
+        prompts.append(render(tokenizer, [m for m in record["messages"] if m["role"] != "assistant"]))
+    replies = generate(model, tokenizer, prompts, params.persona.max_new_tokens, params.batch_size, params.seed)
+    checks = [check_persona(reply, n, headers) for reply, (n, headers) in zip(replies, expected)]
+    for record, reply, check in zip(records, replies, checks):
+        samples.append({"task": "persona", "game_id": record.get("game_id"), "reply": reply, **check})
+    return {**{key: round(sum(c[key] for c in checks) / len(checks), 4)
+               for key in ("valid", "valid_json", "right_count", "all_headers")}, "examples": len(checks)}
+
+
+def eval_style(model, tokenizer, model_dir: Path, reference: Path, params_path: Path, starters_path: Path,
+               reward_fn, samples: list) -> tuple[dict, list[dict]]:
+    from stages.rl import RLParams, read_starters, reply_logprobs, sample_replies, split_starters
+
+    rl = parse_section(load_params(params_path), "rl", RLParams)
+    _, held_out = split_starters(read_starters(starters_path), rl, starters_path)
+    replies = sample_replies(model, tokenizer, [s["prompt"] for s in held_out], rl)
+    rewards = [reward_fn(group) for group in replies.texts]
+    if policy_stack(model_dir) == policy_stack(reference):
+        kl = 0.0
+    else:
+        reference_model, _ = load_policy(reference)
+        own = reply_logprobs(model, replies, rl.temperature)
+        ref = reply_logprobs(reference_model.to(model.device), replies, rl.temperature)
+        kl = sum(o - r for o, r in zip(own, ref)) / len(own)
+    per_prompt = []
+    for starter, texts, scores in zip(held_out, replies.texts, rewards):
+        per_prompt.append({"prompt_id": starter["id"], "reward": sum(scores) / len(scores)})
+        samples.append({"task": "style", "prompt_id": starter["id"], "replies": texts,
+                        "rewards": [round(x, 4) for x in scores]})
+    flat = [x for group in rewards for x in group]
+    return {"mean_reward": round(sum(flat) / len(flat), 4), "kl_to_reference": round(kl, 4),
+            "reference": str(reference), "replies": len(flat)}, per_prompt
+
+
+def eval_perplexity(model, tokenizer, params: EvaluateParams, heldout_path: Path) -> dict:
+    records = first(read_chat_records(heldout_path), params.perplexity.max_examples)
+    nll, tokens = assistant_nll(model, tokenizer, records)
+    return {"perplexity": round(math.exp(nll / tokens), 4), "assistant_tokens": tokens, "examples": len(records)}
+
+
+def write_rewards(path: Path, rows: list[dict]) -> None:
+    columns = list(rows[0])
+    with atomic_file(path) as handle:
+        handle.write("\t".join(columns) + "\n")
+        handle.writelines("\t".join(f"{r[c]:.6f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + "\n"
+                          for r in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default=DEFAULT_PARAMS)
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--name", required=True, help="the model's name in reports (metrics/eval/<name>.json)")
+    parser.add_argument("--tasks", required=True, type=parse_tasks, help=f"comma-separated: {', '.join(TASKS)}")
+    parser.add_argument("--pool", type=Path, default=Path("data/preferences/eval.jsonl"))
+    parser.add_argument("--reward-model", type=Path, default=Path("models/reward"))
+    parser.add_argument("--agent-test", type=Path, default=Path("data/agent/openai/test.jsonl"))
+    parser.add_argument("--persona", type=Path, default=Path("data/persona/val.jsonl"))
+    parser.add_argument("--starters", type=Path, default=Path("data/raw/starters/starters.jsonl"))
+    parser.add_argument("--reference", type=Path, default=Path("models/base"), help="style: the KL reference")
+    parser.add_argument("--heldout", type=Path, default=Path("data/persuasion/sft/test.jsonl"))
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--samples", required=True, type=Path)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+
+    params = parse_section(load_params(args.params), "evaluate", EvaluateParams)
+    model_dir = require_policy_dir(args.model, "--model")
+    inputs = {"persuasion": [("--pool", args.pool), ("--reward-model", args.reward_model)],
+              "agent": [("--agent-test", args.agent_test)], "persona": [("--persona", args.persona)],
+              "style": [("--starters", args.starters), ("--reward-model", args.reward_model)],
+              "perplexity": [("--heldout", args.heldout)]}
+    for task in args.tasks:
+        for key, path in inputs[task]:
+            require_path(path, key)
+    if "style" in args.tasks:
+        require_policy_dir(args.reference, "--reference")
+    log_config(log, "evaluate", {"model": str(model_dir), "tasks": args.tasks})
+
+    import torch
+
+    from stages.lib.reward import load_reward_fn
+
+    model, tokenizer = load_policy(model_dir)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    reward_fn = load_reward_fn(args.reward_model) if {"persuasion", "style"} & set(args.tasks) else None
+    metrics, samples, rewards = {"model": args.name, "path": str(model_dir)}, [], {}
+    for task in args.tasks:
+        task_started = time.perf_counter()
+        if task == "persuasion":
+            metrics[task], rewards[task] = eval_persuasion(model, tokenizer, params, args.pool, reward_fn, samples)
+        elif task == "agent":
+            metrics[task] = eval_agent(model, tokenizer, params, args.agent_test, samples)
+        elif task == "persona":
+            metrics[task] = eval_persona(model, tokenizer, params, args.persona, samples)
+        elif task == "style":
+            metrics[task], rewards[task] = eval_style(model, tokenizer, model_dir, args.reference, args.params,
+                                                      args.starters, reward_fn, samples)
+        else:
+            metrics[task] = eval_perplexity(model, tokenizer, params, args.heldout)
+        log.info("%s %s: %s (%.0f s)", args.name, task, json.dumps(metrics[task]), time.perf_counter() - task_started)
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+
+    shutil.rmtree(args.samples, ignore_errors=True)
+    args.samples.mkdir(parents=True)
+    for task, rows in rewards.items():
+        write_rewards(args.samples / f"{task}_rewards.tsv", rows)
+    write_jsonl(args.samples / "samples.jsonl", samples)
+    write_json(args.out, metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_stage(main)
