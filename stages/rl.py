@@ -40,7 +40,7 @@ from stages.lib.models import load_tokenizer, resolve_precision
 from stages.lib.params import DEFAULT_PARAMS, build, load_section
 from stages.lib.policy import load_merged, policy_stack, require_policy_dir, write_stack
 from stages.lib.reward import REWARD_CONFIG, load_reward_fn
-from stages.lib.training import LoraParams, lora_config, precision_flags
+from stages.lib.training import LoraParams, check_qlora, load_trainable, lora_config, precision_flags
 
 log = get_logger("rl")
 
@@ -76,7 +76,7 @@ ALGORITHM_DEFAULTS = {
 class RLParams:
     algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
     start: str = "models/base"  # the starting policy (dvc.yaml passes it as --policy and tracks it)
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "qlora", "full"] = "lora"  # qlora: 4-bit NF4 frozen start weights (bitsandbytes)
     lora: LoraParams = field(default_factory=LoraParams)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     learning_rate: float = 1e-3
@@ -317,12 +317,22 @@ def style_reward_fn(reward_fn):
     return style_reward
 
 
+def load_start_policy(start_dir: Path, method: str, precision: str, work: Path):
+    """The policy to train, its adapters merged; for qlora the merged weights are then quantized to 4-bit."""
+    if method != "qlora":
+        return load_merged(start_dir)
+    if policy_stack(start_dir)[1]:
+        load_merged(start_dir).save_pretrained(str(work / "start-merged"))
+        start_dir = work / "start-merged"
+    return load_trainable(start_dir, "qlora", precision)
+
+
 def build_trainer(params: RLParams, config, start_dir: Path, reference, tokenizer, reward_dir: Path, reward_fn,
-                  train: list[dict], held_out: list[dict], callbacks: list, work: Path):
+                  train: list[dict], held_out: list[dict], callbacks: list, work: Path, precision: str):
     """The trl trainer for `params.algorithm`; `reference` is the frozen starting policy (None with LoRA)."""
     from datasets import Dataset
 
-    policy = load_merged(start_dir)
+    policy = load_start_policy(start_dir, params.method, precision, work)
     if params.algorithm == "ppo":
         from trl.experimental.ppo import PPOTrainer
 
@@ -389,7 +399,7 @@ def write_plots(plots: Path, curves: list[dict], held_out: list[dict], before: l
 
 def model_card(params: RLParams, metrics: dict, start_dir: Path, reward_dir: Path, stack: list[Path]) -> str:
     reward_info = json.loads((reward_dir / REWARD_CONFIG).read_text())
-    trained = "a LoRA adapter" if params.method == "lora" else "all weights"
+    trained = {"lora": "a LoRA adapter", "qlora": "a LoRA adapter on 4-bit weights"}.get(params.method, "all weights")
     lines = [
         f"# Style RL policy ({params.algorithm.upper()})", "",
         f"- Algorithm: {params.algorithm} (trl{'.experimental.ppo' if params.algorithm == 'ppo' else ''}), "
@@ -425,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     params = load_section(args.params, "rl", RLParams)
     precision = resolve_precision(params.precision)
+    if params.method == "qlora":
+        check_qlora("rl.method")
     start_dir = require_policy_dir(args.policy or params.start, "--policy" if args.policy else "rl.start")
     base_dir, adapters = policy_stack(start_dir)
     starters = read_starters(args.prompts)
@@ -443,13 +455,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         log_config(log, "rl", {**config_dict(params), "precision": precision, "start_dir": str(start_dir),
                                "train_starters": len(train), "held_out_starters": len(held_out)})
         return train_and_save(args, params, config, start_dir, base_dir, adapters, tokenizer, reward_fn,
-                              train, held_out, work, started)
+                              train, held_out, work, started, precision)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def train_and_save(args, params: RLParams, config, start_dir: Path, base_dir: Path, adapters: list[Path], tokenizer,
-                   reward_fn, train: list[dict], held_out: list[dict], work: Path, started: float) -> dict:
+                   reward_fn, train: list[dict], held_out: list[dict], work: Path, started: float,
+                   precision: str) -> dict:
     import torch
     from transformers import set_seed
     from transformers.integrations import DVCLiveCallback
@@ -470,7 +483,7 @@ def train_and_save(args, params: RLParams, config, start_dir: Path, base_dir: Pa
     callbacks = [DVCLiveCallback(live=open_live(args.plots.name, root=args.plots.parent))]
     set_seed(params.seed)
     trainer = build_trainer(params, config, start_dir, reference, tokenizer, args.reward_model, reward_fn,
-                            train, held_out, callbacks, work)
+                            train, held_out, callbacks, work, precision)
     train_started = time.perf_counter()
     # trl's PPO runs a full gc.collect() twice a step; with torch and transformers loaded each one walks
     # millions of objects (about a second on a 2-core CPU). Objects alive now never need collecting.
@@ -488,7 +501,7 @@ def train_and_save(args, params: RLParams, config, start_dir: Path, base_dir: Pa
     # of log p_trained - log p_start (summed over a reply's tokens), the same estimator for every algorithm.
     policy.eval()
     trained_logprobs = reply_logprobs(policy, after, params.temperature)
-    if params.method == "lora":
+    if params.method != "full":
         with policy.disable_adapter():
             start_logprobs = reply_logprobs(policy, after, params.temperature)
     else:
@@ -519,7 +532,7 @@ def train_and_save(args, params: RLParams, config, start_dir: Path, base_dir: Pa
         with atomic_dir(args.out) as tmp:
             trainer.save_model(str(tmp))
             tokenizer.save_pretrained(str(tmp))
-            if params.method == "lora" and adapters:
+            if params.method != "full" and adapters:
                 write_stack(tmp, base_dir, adapters)
             write_jsonl(tmp / "eval_replies.jsonl", (
                 {"prompt_id": s["id"], "prompt": s["prompt"], "before": b, "after": a,

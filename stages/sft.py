@@ -34,8 +34,8 @@ from stages.lib.io import atomic_dir, atomic_file, write_json
 from stages.lib.log import config_dict, get_logger, log_config
 from stages.lib.models import peak_memory_mb, require_model_dir, resolve_precision
 from stages.lib.params import DEFAULT_PARAMS, build
-from stages.lib.training import (LoraParams, check_precision, is_main_process, load_variant_params, lora_config,
-                                 precision_flags)
+from stages.lib.training import (LoraParams, check_precision, check_qlora, is_main_process, load_trainable,
+                                 load_variant_params, lora_config, precision_flags)
 
 log = get_logger("sft")
 
@@ -103,23 +103,6 @@ def check_packing(config, workflow: str) -> None:
                          f"FlashAttention, which needs CUDA; leave packing off (batches are grouped by length)")
 
 
-def check_qlora(workflow: str) -> None:
-    """Quantize and run one small layer, so a missing 4-bit backend fails here in one line."""
-    import torch
-
-    try:
-        import bitsandbytes as bnb
-
-        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        layer = layer.to(device)
-        layer(torch.zeros(1, 64, device=device))
-    except Exception as err:  # noqa: BLE001 - any failure means 4-bit cannot run here
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
-        raise StageError(f"sft.{workflow}.method: qlora needs bitsandbytes 4-bit support, "
-                         f"which cannot run here ({reason}); use lora or full") from None
-
-
 def select_examples(records, tokenizer, template, max_length: int, limit: int | None, workflow: str, split: str):
     """Drop examples whose first assistant token lies beyond max_length: they would train on nothing."""
     for record in records:
@@ -157,17 +140,8 @@ def file_md5(path: Path) -> str:
 
 
 def load_model(model_dir: Path, params: SFTParams, precision: str):
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     # Trained weights stay fp32 under bf16/fp16 autocast (mixed precision); QLoRA's frozen ones are 4-bit.
-    kwargs = {"dtype": torch.float32}
-    if params.method == "qlora":
-        kwargs = {"dtype": compute, "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute)}
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    return load_trainable(model_dir, params.method, precision)
 
 
 def model_card(workflow: str, params: dict, metrics: dict, model_dir: Path, data: dict[str, str], method: str) -> str:
@@ -207,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     precision = resolve_precision(params.precision)
     check_precision(precision, f"sft.{workflow}.precision")
     if params.method == "qlora":
-        check_qlora(workflow)
+        check_qlora(f"sft.{workflow}.method")
 
     key = checkpoint_key(merged, [args.train, args.eval], args.model)
     output_dir = args.checkpoints / workflow / key

@@ -1,6 +1,7 @@
 """End to end: the real dvc.yaml, run by `dvc repro` in a temp copy of the repository."""
 
 import json
+import time
 
 import pytest
 
@@ -113,3 +114,42 @@ def test_bad_params_stop_dvc_repro_with_one_line(repo, tiny_model_dir, overrides
     finally:
         repo.set_params({"base_model.sourse": ..., "base_model.trust_remote_code": False,
                          **tiny_overrides(tiny_model_dir)})
+
+
+def test_experiments_change_dpo_beta_then_compare_and_queue(repo):
+    from tests.conftest import git
+
+    repo.repro()
+    git(repo.root, "add", "-A")
+    git(repo.root, "commit", "-q", "-m", "baseline results")
+    beta = "dpo.defaults.trainer.beta"
+
+    result = repo.dvc("exp", "run", "-n", "beta-02", "-S", f"{beta}=0.2")
+    # Only DPO and what reads its models run again.
+    assert sorted(stages_run(result)) == sorted(["dpo@rlhf", "dpo@rlaif", "dpo@rlaif_rlhf", "evaluate@dpo_rlhf",
+                                                 "evaluate@dpo_rlaif", "evaluate@dpo_rlaif_rlhf", "report"])
+    diff = json.loads(repo.dvc("exp", "diff", "HEAD", "beta-02", "--json").stdout)
+    assert diff["params"]["params.yaml"][beta] == {"old": 0.1, "new": 0.2, "diff": 0.1}
+    changed = diff["metrics"]["metrics/dpo/rlaif.json"]
+    # With twice the beta, the implicit rewards (beta x log-ratio) of the same update differ.
+    assert changed["eval_reward_margin"]["old"] != changed["eval_reward_margin"]["new"]
+    assert "metrics/eval/dpo_rlaif.json" in diff["metrics"] and "metrics/sft/persona.json" not in diff["metrics"]
+
+    for value in (0.3, 0.4):
+        repo.dvc("exp", "run", "--queue", "-n", f"beta-0{int(value * 10)}", "-S", f"{beta}={value}")
+    repo.dvc("queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = repo.dvc("queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    shown = json.loads(repo.dvc("exp", "show", "--json").stdout)
+    experiments = {exp["name"]: exp for baseline in shown for exp in (baseline.get("experiments") or [])
+                   for exp in exp["revs"]}
+    assert {"beta-02", "beta-03", "beta-04"} <= set(experiments)
+    for name, value in (("beta-03", 0.3), ("beta-04", 0.4)):
+        data = experiments[name]["data"]
+        assert data["params"]["params.yaml"]["data"]["dpo"]["defaults"]["trainer"]["beta"] == value
+        assert "eval_reward_margin" in data["metrics"]["metrics/dpo/rlaif.json"]["data"]

@@ -174,3 +174,11 @@ def test_shipped_starters_split_by_seed():
     assert {s["id"] for s in train}.isdisjoint(s["id"] for s in held_out)
     assert (train, held_out) == rl.split_starters(starters, params, STARTERS)
     assert held_out != rl.split_starters(starters, rl.RLParams(eval_prompts=8, seed=1), STARTERS)[1]
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_qlora_trains_an_adapter_on_4bit_weights(workdir, tiny_model_dir, reward_dir, algorithm):
+    metrics = run(workdir, tiny_model_dir, reward_dir, algorithm=algorithm, method="qlora")
+    check_run(workdir, metrics, algorithm, tiny_model_dir)
+    assert metrics["method"] == "qlora" and "4-bit" in (workdir / "out" / "README.md").read_text()
+    assert json.loads((workdir / "out" / "adapter_config.json").read_text())["r"] == 4

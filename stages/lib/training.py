@@ -69,3 +69,34 @@ def precision_flags(precision: str) -> dict:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_qlora(key: str) -> None:
+    """Quantize and run one small layer, so a missing 4-bit backend fails here in one line."""
+    import torch
+
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        layer = layer.to(device)
+        layer(torch.zeros(1, 64, device=device))
+    except Exception as err:  # noqa: BLE001 - any failure means 4-bit cannot run here
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise StageError(f"{key}: qlora needs bitsandbytes 4-bit support, which cannot run here ({reason}); "
+                         f"use lora or full") from None
+
+
+def load_trainable(model_dir, method: str, precision: str):
+    """A causal LM to train: fp32 weights (autocast handles bf16 / fp16), or 4-bit NF4 frozen weights for qlora."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    kwargs = {"dtype": torch.float32}
+    if method == "qlora":
+        kwargs = {"dtype": compute, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)}
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)

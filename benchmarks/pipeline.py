@@ -1,0 +1,112 @@
+"""Wall time of the whole pipeline: a `dvc repro` from scratch, a no-op `dvc repro`, and a one-param DPO change.
+
+Runs in a copy of the project (its git-tracked and untracked-but-not-ignored files) with a fresh, empty
+DVC cache, so nothing is restored from an earlier run:
+  scratch  `dvc repro` of every stage on the default params              (target <= 30 min on 2 CPU cores)
+  no-op    `dvc repro` again right after                                 (target <= 3 s)
+  change   `dvc repro` after setting dpo.defaults.trainer.beta           (only DPO and what reads it should run)
+
+    python benchmarks/pipeline.py                       # the default: embedded model, shipped sample data
+    python benchmarks/pipeline.py --set rl.steps=2      # any params override, dotted keys
+
+Prints one line per measurement, and the stages each run ran with their times.
+"""
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def copy_project(dest: Path) -> None:
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"], check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
+        subprocess.run(["git", "-C", str(dest), *args], check=True, env=env, capture_output=True)
+
+
+def set_params(path: Path, overrides: dict[str, object]) -> None:
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def repro(workdir: Path) -> tuple[float, list[tuple[str, float]]]:
+    """Wall time of `dvc repro` and each stage it ran with its time (from one 'Running stage' line to the next)."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=workdir, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stages, current, tail = [], None, []
+    for line in process.stdout:
+        tail = (tail + [line])[-20:]
+        if line.startswith("Running stage '"):
+            now = time.perf_counter()
+            if current:
+                stages.append((current[0], now - current[1]))
+            current = (line.split("'")[1], now)
+    process.wait()
+    total = time.perf_counter() - started
+    if current:
+        stages.append((current[0], started + total - current[1]))
+    if process.returncode:
+        sys.exit(f"dvc repro failed in {workdir}:\n{''.join(tail)}")
+    return total, stages
+
+
+def show(label: str, total: float, stages: list[tuple[str, float]], target: str) -> None:
+    print(f"{label}: {total:.1f} s ({total / 60:.1f} min), {len(stages)} stages ran; target {target}")
+    for name, seconds in stages:
+        print(f"  {name:28s} {seconds:7.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="params override before the first run (YAML value)")
+    parser.add_argument("--beta", type=float, default=0.2, help="the changed dpo.defaults.trainer.beta")
+    parser.add_argument("--keep", action="store_true", help="keep the copy of the project")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
+    try:
+        copy_project(workdir)
+        subprocess.run([sys.executable, "-m", "dvc", "cache", "dir", "--local", str(workdir / ".dvc-cache")],
+                       cwd=workdir, check=True, capture_output=True)
+        overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+        if overrides:
+            set_params(workdir / "params.yaml", overrides)
+        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, copy in {workdir}")
+        show("scratch", *repro(workdir), "<= 1800 s")
+        show("no-op", *repro(workdir), "<= 3 s")
+        set_params(workdir / "params.yaml", {"dpo.defaults.trainer.beta": args.beta})
+        show(f"dpo.defaults.trainer.beta={args.beta}", *repro(workdir), "DPO and its dependants only")
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
