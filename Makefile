@@ -5,11 +5,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 # Stage commands in dvc.yaml say `python`: make it the venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install browser repro test test-fast benchmarks clean-venv
+.PHONY: install browser repro test test-fast benchmarks push pull clean-venv
 
 install: $(STAMP)
 
@@ -18,6 +19,11 @@ $(STAMP): requirements.txt requirements-embedded.txt constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-embedded.txt
+	@touch $@
+
+# Test-only extras (the S3 remote plugin, a local S3 server); `make repro` does not need them.
+$(TEST_STAMP): $(STAMP) requirements-test.txt constraints.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt -c constraints.txt
 	@touch $@
 
 # Headless Chromium and its driver (Debian packages) for the labelling tool's browser tests.
@@ -31,10 +37,20 @@ browser:
 repro: $(STAMP)
 	$(BIN)/dvc repro
 
-test: $(STAMP) browser
+# Share results: check that the remote answers (one line naming it and what to check), then move the data.
+# REMOTE=name picks a remote other than the default.
+push: $(STAMP)
+	$(BIN)/python -m tools.remote check --for push $(if $(REMOTE),-r $(REMOTE))
+	$(BIN)/dvc push $(if $(REMOTE),-r $(REMOTE))
+
+pull: $(STAMP)
+	$(BIN)/python -m tools.remote check $(if $(REMOTE),-r $(REMOTE))
+	$(BIN)/dvc pull $(if $(REMOTE),-r $(REMOTE))
+
+test: $(TEST_STAMP) browser
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP) browser
+test-fast: $(TEST_STAMP) browser
 	$(BIN)/python -m pytest -m "not slow"
 
 clean-venv:

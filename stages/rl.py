@@ -66,7 +66,7 @@ TRAINER_DEFAULTS = {
 }
 ALGORITHM_DEFAULTS = {
     # Without a stop token trl's PPO scores every reply at full response_length, past the end of the turn.
-    "ppo": {"stop_token": "eos", "num_sample_generations": 0, "num_ppo_epochs": 4},
+    "ppo": {"stop_token": "eos", "num_sample_generations": 0, "num_ppo_epochs": 2},
     "grpo": {},
     "rloo": {},
 }

@@ -51,7 +51,7 @@ def test_full_pipeline_runs_then_is_up_to_date(repo):
     assert [p["metadata"]["is_equal"] for p in human] == [p == "tie" for p in repo.preferences]
     for variant, pairs in (("rlhf", 4), ("rlaif", 24 - judged["ai"]["ties"]), ("rlaif_rlhf", 4)):
         dpo = json.loads(repo.path(f"metrics/dpo/{variant}.json").read_text())
-        assert dpo["train_pairs"] == pairs and dpo["eval_reward_margin_before"] == 0, variant
+        assert dpo["train_pairs"] == pairs and dpo["eval_pairs"] == 12, variant
     stack = json.loads(repo.path("models/dpo/rlaif_rlhf/stack.json").read_text())
     assert stack == {"base": "models/base", "adapters": ["models/sft/persuasion", "models/dpo/rlaif"]}
     rl = json.loads(repo.path("metrics/rl.json").read_text())
@@ -90,8 +90,10 @@ def test_changed_dataset_param_reruns_it_and_its_dependants(repo):
     repo.repro()
     repo.set_params({"persona_dataset.val_ratio": 0.4})
     try:
-        # The persona data changes, so its analysis and fine-tuning follow; nothing else does.
-        assert sorted(stages_run(repo.repro())) == ["persona_dataset", "sft@persona", "token_analysis@persona"]
+        # The persona data changes, so its analysis, fine-tuning and the evaluations of the models evaluated
+        # on it follow; nothing else does.
+        assert sorted(stages_run(repo.repro())) == ["evaluate@base", "evaluate@sft_persona", "persona_dataset",
+                                                    "report", "sft@persona", "token_analysis@persona"]
     finally:
         repo.set_params({"persona_dataset.val_ratio": 0.2})
         repo.repro()
@@ -135,8 +137,9 @@ def test_experiments_change_dpo_beta_then_compare_and_queue(repo):
     assert changed["eval_reward_margin"]["old"] != changed["eval_reward_margin"]["new"]
     assert "metrics/eval/dpo_rlaif.json" in diff["metrics"] and "metrics/sft/persona.json" not in diff["metrics"]
 
+    # Queued experiments of one target each, run two at a time.
     for value in (0.3, 0.4):
-        repo.dvc("exp", "run", "--queue", "-n", f"beta-0{int(value * 10)}", "-S", f"{beta}={value}")
+        repo.dvc("exp", "run", "--queue", "-n", f"beta-0{int(value * 10)}", "-S", f"{beta}={value}", "dpo@rlhf")
     repo.dvc("queue", "start", "-j", "2")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -152,4 +155,7 @@ def test_experiments_change_dpo_beta_then_compare_and_queue(repo):
     for name, value in (("beta-03", 0.3), ("beta-04", 0.4)):
         data = experiments[name]["data"]
         assert data["params"]["params.yaml"]["data"]["dpo"]["defaults"]["trainer"]["beta"] == value
-        assert "eval_reward_margin" in data["metrics"]["metrics/dpo/rlaif.json"]["data"]
+        assert "eval_reward_margin" in data["metrics"]["metrics/dpo/rlhf.json"]["data"]
+    margins = [experiments[name]["data"]["metrics"]["metrics/dpo/rlhf.json"]["data"]["eval_reward_margin"]
+               for name in ("beta-03", "beta-04")]
+    assert margins[0] != margins[1]
