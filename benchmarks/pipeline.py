@@ -1,6 +1,6 @@
 """Wall time of the whole pipeline: a `dvc repro` from scratch, a no-op `dvc repro`, and a one-param DPO change.
 
-Runs in a copy of the project (its git-tracked and untracked-but-not-ignored files) with a fresh, empty
+Runs in a copy of the project (its git-tracked files and untracked source files) with a fresh, empty
 DVC cache, so nothing is restored from an earlier run:
   scratch  `dvc repro` of every stage on the default params              (target <= 30 min on 2 CPU cores)
   no-op    `dvc repro` again right after                                 (target <= 3 s)
@@ -27,10 +27,20 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Untracked files under these are outputs of a run in the checkout, which the copy must build itself.
+STAGE_OUTPUT_DIRS = ("data/", "models/", "metrics/", "plots/", "reports/", "checkpoints/")
+
+
+def git_files(*args: str) -> list[str]:
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", *args], check=True, capture_output=True,
+                            text=True).stdout.split("\0")
+    return list(filter(None, listed))
+
+
 def copy_project(dest: Path) -> None:
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"], check=True,
-                           capture_output=True, text=True).stdout.split("\0")
-    for name in filter(None, files):
+    files = git_files("-c") + [name for name in git_files("-o", "--exclude-standard")
+                               if not name.startswith(STAGE_OUTPUT_DIRS) or name.startswith("data/raw/")]
+    for name in files:
         if (ROOT / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)

@@ -10,6 +10,16 @@ import yaml
 from tests.conftest import REPO_ROOT, git, git_init, venv_env
 
 
+# Untracked files here are stage outputs of a run in the checkout (possibly half-written): not copied.
+STAGE_OUTPUT_DIRS = ("data/", "models/", "metrics/", "plots/", "reports/", "checkpoints/")
+
+
+def git_files(*args: str) -> list[str]:
+    listed = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files", "-z", *args], check=True,
+                            capture_output=True, text=True).stdout.split("\0")
+    return list(filter(None, listed))
+
+
 def tiny_overrides(tiny_model_dir: Path) -> dict:
     """Params that make every stage fast: the tiny model instead of the embedded one."""
     return {
@@ -44,9 +54,9 @@ class PipelineRepo:
 
     @classmethod
     def copy_of_project(cls, dest: Path) -> "PipelineRepo":
-        files = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
-                               check=True, capture_output=True, text=True).stdout.split("\0")
-        for name in filter(None, files):
+        files = git_files("-c") + [name for name in git_files("-o", "--exclude-standard")
+                                   if not name.startswith(STAGE_OUTPUT_DIRS) or name.startswith("data/raw/")]
+        for name in files:
             source = REPO_ROOT / name
             if source.is_file():
                 target = dest / name
