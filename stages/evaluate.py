@@ -154,13 +154,26 @@ def assistant_nll(model, tokenizer, records: list[dict]) -> tuple[float, int]:
         encoded = tokenizer.apply_chat_template(record["messages"], tools=tools, chat_template=template,
                                                 tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         ids = torch.tensor([encoded["input_ids"]], device=model.device)
-        mask = torch.tensor(encoded["assistant_masks"][1:], dtype=torch.bool, device=model.device)
+        # Position t predicts token t + 1: keep the positions whose next token is the assistant's.
+        positions = torch.tensor(encoded["assistant_masks"][1:], dtype=torch.bool).nonzero()[:, 0].to(model.device)
+        if not len(positions):
+            continue
         with torch.no_grad():
-            logits = model(ids).logits[0, :-1].float()
-        losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
-        total += float(losses[mask].sum())
-        count += int(mask.sum())
+            if keeps_logits(model):  # the vocabulary projection only where the loss is taken
+                logits = model(ids, logits_to_keep=positions).logits[0].float()
+            else:
+                logits = model(ids).logits[0, positions].float()
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, positions + 1], reduction="sum"))
+        count += len(positions)
     return total, count
+
+
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (most transformers causal LMs)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def bootstrap_interval(values: list[float], resamples: int, seed: int) -> tuple[float, float]:

@@ -62,7 +62,7 @@ def test_full_pipeline_runs_then_is_up_to_date(repo):
                           "dpo_rlaif_rlhf", "rl"}
     assert set(evals["base"]) >= {"persuasion", "agent", "persona", "style", "perplexity"}
     assert evals["base"]["style"]["kl_to_reference"] == 0 and evals["rl"]["style"]["kl_to_reference"] != 0
-    assert evals["dpo_rlaif"]["persuasion"]["prompts"] == 12 and evals["sft_agent"]["agent"]["tool_prompts"] == 4
+    assert evals["dpo_rlaif"]["persuasion"]["prompts"] == 12 and evals["sft_agent"]["agent"]["tool_prompts"] == 3
     summary = repo.path("reports/summary.md").read_text()
     assert all(f"| {name} |" in summary for name in evals) and "![win_rate.png](win_rate.png)" in summary
 
