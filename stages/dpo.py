@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     variant = args.variant
     params, merged = load_variant_params(args.params, "dpo", variant, DPOParams)
     require_policy_dir(args.start, "--start")
-    precision = resolve_precision(params.precision)
+    precision = resolve_precision(params.precision, params.method)
     check_precision(precision, f"dpo.{variant}.precision")
     config = trainer_config(params, variant, args.out.with_name(args.out.name + ".work"), precision)
     if is_main_process():

@@ -434,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     started = time.perf_counter()
 
     params = load_section(args.params, "rl", RLParams)
-    precision = resolve_precision(params.precision)
+    precision = resolve_precision(params.precision, params.method)
     if params.method == "qlora":
         check_qlora("rl.method")
     start_dir = require_policy_dir(args.policy or params.start, "--policy" if args.policy else "rl.start")

@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     workflow = args.workflow
     params, merged = load_sft_params(args.params, workflow)
     require_model_dir(args.model, "--model")
-    precision = resolve_precision(params.precision)
+    precision = resolve_precision(params.precision, params.method)
     check_precision(precision, f"sft.{workflow}.precision")
     if params.method == "qlora":
         check_qlora(f"sft.{workflow}.method")

@@ -22,6 +22,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def qlora_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with layers as wide as one 4-bit block (64): on CPUs with AVX-512 BF16, bitsandbytes
+    repacks 4-bit weights per block of input features and fails on narrower layers."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny64") / "model", hidden_size=64)
+
+
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
 

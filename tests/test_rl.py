@@ -177,8 +177,8 @@ def test_shipped_starters_split_by_seed():
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_qlora_trains_an_adapter_on_4bit_weights(workdir, tiny_model_dir, reward_dir, algorithm):
-    metrics = run(workdir, tiny_model_dir, reward_dir, algorithm=algorithm, method="qlora")
-    check_run(workdir, metrics, algorithm, tiny_model_dir)
+def test_qlora_trains_an_adapter_on_4bit_weights(workdir, qlora_model_dir, reward_dir, algorithm):
+    metrics = run(workdir, qlora_model_dir, reward_dir, algorithm=algorithm, method="qlora")
+    check_run(workdir, metrics, algorithm, qlora_model_dir)
     assert metrics["method"] == "qlora" and "4-bit" in (workdir / "out" / "README.md").read_text()
     assert json.loads((workdir / "out" / "adapter_config.json").read_text())["r"] == 4

@@ -8,7 +8,7 @@ import torch
 from stages import sft
 from stages.lib import StageError
 from stages.lib.chat import CHATML_TEMPLATE, chat_dataset, read_chat_records, tokenize_chats
-from stages.lib.models import load_tokenizer
+from stages.lib.models import load_tokenizer, resolve_precision
 from tests.chats import chat, tool_chat, write_jsonl
 from tests.conftest import venv_env, write_params
 
@@ -36,7 +36,7 @@ def run(tmp_path, tiny_model_dir, data, workflow="toy", defaults=None, **overrid
 def test_lora_training_lowers_eval_loss_and_saves_an_adapter(workdir, tiny_model_dir, data):
     metrics = run(workdir, tiny_model_dir, data)
     assert metrics["eval_loss"] < metrics["base_eval_loss"]
-    assert metrics["steps"] == 12 and metrics["method"] == "lora" and metrics["precision"] == "fp32"
+    assert metrics["steps"] == 12 and metrics["method"] == "lora" and metrics["precision"] == resolve_precision("auto")
     assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0
     assert json.loads((workdir / "metrics.json").read_text()) == metrics
 
@@ -111,11 +111,11 @@ def test_plain_chats_render_as_the_models_own_template(tiny_model_dir):
                 tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def test_full_fine_tuning_and_qlora(workdir, tiny_model_dir, data):
+def test_full_fine_tuning_and_qlora(workdir, tiny_model_dir, qlora_model_dir, data):
     full = run(workdir, tiny_model_dir, data, method="full", trainer={"learning_rate": 1e-3})
     assert full["eval_loss"] < full["base_eval_loss"]
     assert (workdir / "out" / "model.safetensors").is_file() and not (workdir / "out" / "adapter_config.json").exists()
-    qlora = run(workdir, tiny_model_dir, data, method="qlora")
+    qlora = run(workdir, qlora_model_dir, data, method="qlora")
     assert qlora["method"] == "qlora" and qlora["eval_loss"] < qlora["base_eval_loss"]
     assert (workdir / "out" / "adapter_config.json").is_file()
 

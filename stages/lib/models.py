@@ -81,15 +81,18 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(choice: str) -> str:
-    """`auto` -> bf16 on CUDA with bf16 support or a CPU with AVX-512 BF16, fp32 otherwise."""
+def resolve_precision(choice: str, method: str = "lora") -> str:
+    """`auto` -> bf16 on CUDA with bf16 support or a CPU with AVX-512 BF16, fp32 otherwise.
+
+    On the CPU, qlora stays in fp32: bitsandbytes' CPU 4-bit kernels fail with a bf16 compute dtype.
+    """
     import torch
 
     if choice != "auto":
         return choice
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    return "bf16" if cpu_has_bf16() and method != "qlora" else "fp32"
 
 
 def peak_memory_mb() -> float:
