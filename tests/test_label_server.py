@@ -231,8 +231,9 @@ def test_command_line_serves_until_interrupted_and_reports_errors_in_one_line(tm
                             capture_output=True, text=True, timeout=30)
     assert failed.returncode == 1 and failed.stderr == f"error: {tmp_path / 'missing.jsonl'}: input not found\n"
 
+    # Started as from a shell or tool that ignores SIGINT (children inherit that): Ctrl-C must still stop it.
     process = subprocess.Popen([*command, "--port", "0", "--labeller", "cli"], cwd=REPO_ROOT, text=True,
-                               stderr=subprocess.PIPE)
+                               stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         started = process.stderr.readline()
         url = re.search(r"open (http://127\.0\.0\.1:\d+/)", started).group(1)

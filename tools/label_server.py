@@ -19,6 +19,7 @@ import contextlib
 import getpass
 import ipaddress
 import json
+import signal
 import socket
 import threading
 from http import HTTPStatus
@@ -275,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--labeller", default=None, help="name written with each label (default: your user name)")
     args = parser.parse_args(argv)
 
+    # Ctrl-C stops the server even when started from a process that ignores SIGINT (which children inherit).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server = make_server(args.pool, args.labels, args.host, args.port, args.labeller)
     state = server.store.state()
     log.info("%d / %d pairs labelled (labeller %s); open %s  (Ctrl-C stops)", state["labelled"], state["total"],
