@@ -8,8 +8,8 @@ repository stand for other machines. The same round trip runs against an S3 API 
 import hashlib
 import json
 import logging
-import shutil
 import os
+import shutil
 import socket
 import subprocess
 import sys
