@@ -1,8 +1,8 @@
 """Generated tokens/s of `generate_preferences`' batched sampling against a one-at-a-time loop.
 
 One run, same model, prompts and sampling settings:
-  batched  the stage's sample_pairs: length-sorted left-padded batches, each prompt encoded
-           once and its KV cache shared by both responses
+  batched  the stage's sample_pairs: length-sorted batches, each prompt encoded once without
+           padding into a preallocated KV cache that both of its responses decode from
   loop     one prompt, one response per generate call, twice per prompt
 
     python benchmarks/generation.py --model models/sft/persuasion --prompts data/persuasion/sft/val.jsonl
@@ -55,6 +55,11 @@ def main() -> None:
     params = GeneratePreferencesParams(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     prompts = [p["prompt"] for p in read_prompts([args.prompts])][:args.count]
     model, tokenizer = load_policy(args.model)
+
+    # Untimed warm-up of both paths: the first calls pay for allocations and lazy initialisation.
+    warm_up = GeneratePreferencesParams(batch_size=1, max_new_tokens=2)
+    sample_pairs(model, tokenizer, prompts[:1], warm_up)
+    loop_pairs(model, tokenizer, prompts[:1], warm_up)
 
     torch.manual_seed(0)
     start = time.perf_counter()

@@ -5,6 +5,7 @@ In:  --start   the policy to improve: an SFT adapter (models/sft/persuasion), an
                merged start policy is both what trains and the frozen DPO reference
      --train   labelled pairs (label_ai / label_human: `{"prompt", "chosen", "rejected", "metadata"}`)
      --eval    held-out labelled pairs for preference accuracy and reward margin
+     --eval-human  optional: held-out pairs labelled by people, scored the same way (eval_human_*)
      params `dpo.defaults` with `dpo.<variant>` on top (any trl DPOConfig field under `trainer:`)
 Out: models/dpo/<variant>/       adapter + stack.json (what it sits on) + tokenizer + README.md model card
      metrics/dpo/<variant>.json  held-out reward margin, preference accuracy and loss, before and after
@@ -171,11 +172,18 @@ def model_card(variant: str, start: Path, stack: list[Path], params: dict, metri
     return "\n".join(lines)
 
 
-def eval_summary(result: dict, suffix: str = "") -> dict:
+def eval_summary(result: dict, suffix: str = "", prefix: str = "eval") -> dict:
+    """Loss, reward margin and preference accuracy from `trainer.evaluate(metric_key_prefix=prefix)`."""
+
+    def reward_metric(name: str) -> float | None:
+        # trl adds its reward metrics to the result as eval_rewards/*, whatever the prefix.
+        value = result.get(f"{prefix}_rewards/{name}", result.get(f"eval_rewards/{name}"))
+        return None if value is None else round(value, 4)
+
     return {
-        f"eval_loss{suffix}": round(result["eval_loss"], 4),
-        f"eval_reward_margin{suffix}": round(result.get("eval_rewards/margins", 0.0), 4),
-        f"eval_reward_accuracy{suffix}": round(result.get("eval_rewards/accuracies", 0.0), 4),
+        f"{prefix}_loss{suffix}": round(result[f"{prefix}_loss"], 4),
+        f"{prefix}_reward_margin{suffix}": reward_metric("margins"),
+        f"{prefix}_reward_accuracy{suffix}": reward_metric("accuracies"),
     }
 
 
@@ -185,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--variant", required=True)
     parser.add_argument("--start", required=True, type=Path, help="policy to improve (adapter or model dir)")
     parser.add_argument("--train", required=True, type=Path)
-    parser.add_argument("--eval", required=True, type=Path)
+    parser.add_argument("--eval", required=True, type=Path, help="held-out pairs (the AI judge's labels)")
+    parser.add_argument("--eval-human", type=Path, help="held-out pairs labelled by people (label_human --eval-out)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--metrics", required=True, type=Path)
     parser.add_argument("--plots", type=Path, default=Path("plots"), help="root of the DVCLive directories")
@@ -202,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     train_pairs, ties = select_pairs(read_pairs(args.train), params, args.train, variant)
     eval_pairs, _ = select_pairs(read_pairs(args.eval), params, args.eval, variant)
+    human_pairs = []
+    if args.eval_human:
+        human_pairs, _ = select_pairs(read_pairs(args.eval_human), params, args.eval_human, variant)
     if params.max_train_pairs is not None:
         train_pairs = train_pairs[:params.max_train_pairs]
     tokenizer = load_tokenizer(args.start)
@@ -209,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     train_data, train_cut = preference_dataset(train_pairs, tokenizer, params, variant)
     eval_data, _ = preference_dataset(eval_pairs, tokenizer, params, variant)
+    human_data = preference_dataset(human_pairs, tokenizer, params, variant)[0] if human_pairs else None
 
     base, adapters = policy_stack(args.start)
     model = load_merged(args.start)
@@ -234,11 +247,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = trainer.train()
     elapsed = time.perf_counter() - started
     after = trainer.evaluate(metric_key_prefix="eval")
+    human = trainer.evaluate(eval_dataset=human_data, metric_key_prefix="eval_human") if human_data else None
 
     train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
         **eval_summary(after),
         **(eval_summary(before, "_before") if before else {}),
+        **({**eval_summary(human, prefix="eval_human"), "eval_human_pairs": len(human_pairs)} if human else {}),
         "train_loss": round(result.training_loss, 4),
         "train_loss_first": round(train_losses[0], 4) if train_losses else None,
         "train_loss_last": round(train_losses[-1], 4) if train_losses else None,
@@ -264,11 +279,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             write_stack(tmp, base, adapters)
         (tmp / "README.md").write_text(model_card(
             variant, args.start, [base, *adapters] if is_adapter(tmp) else [], merged, metrics,
-            {"train": args.train, "eval": args.eval}))
+            {"train": args.train, "eval": args.eval, **({"eval_human": args.eval_human} if args.eval_human else {})}))
     shutil.rmtree(config.output_dir, ignore_errors=True)
     write_json(args.metrics, metrics)
     log.info("held-out reward margin %.4f, preference accuracy %.3f, loss %.4f (%d pairs)",
              metrics["eval_reward_margin"], metrics["eval_reward_accuracy"], metrics["eval_loss"], len(eval_pairs))
+    if human:
+        log.info("held-out human-labelled: reward margin %.4f, preference accuracy %.3f, loss %.4f (%d pairs)",
+                 metrics["eval_human_reward_margin"], metrics["eval_human_reward_accuracy"],
+                 metrics["eval_human_loss"], len(human_pairs))
     return metrics
 
 

@@ -14,8 +14,8 @@ Out: <out>/ai.jsonl     prompts an AI judge will label (RLAIF)
         --out data/preferences --metrics metrics/generate_preferences.json
 
 Pools are drawn by whole conversations, so no thread feeds both a training pool and the
-evaluation pool. Generation is batched: left-padded prompts of similar length, each encoded
-once, its KV cache shared by the two samples drawn from it.
+evaluation pool. Generation is batched: prompts of similar length share a batch, each is
+encoded once without padding, and its KV cache serves both samples drawn from it.
 """
 
 import argparse
@@ -35,6 +35,9 @@ from stages.lib.params import DEFAULT_PARAMS, load_section
 log = get_logger("generate_preferences")
 
 POOLS = ("ai", "human", "eval")
+# Conversations are dealt to the pool whose labels cost most to redo first: growing the AI pool
+# (labels recomputed in seconds) moves neither the people's labels nor the held-out pool.
+DEAL_ORDER = ("human", "eval", "ai")
 
 
 @dataclass
@@ -79,7 +82,10 @@ def read_prompts(paths: Sequence[Path]) -> list[dict]:
 
 
 def draw_pools(prompts: list[dict], sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
-    """Shuffle conversations with the seed and deal them out whole until each pool is full."""
+    """Shuffle conversations with the seed and deal them out whole, in the order of `sizes`, until each pool is full.
+
+    A conversation that overfills a pool gives the pool what it needs; the rest of it goes unused.
+    """
     by_conversation: dict[str, list[dict]] = {}
     for prompt in prompts:
         by_conversation.setdefault(str(prompt["metadata"]["conversation_id"]), []).append(prompt)
@@ -102,34 +108,69 @@ def draw_pools(prompts: list[dict], sizes: dict[str, int], seed: int) -> dict[st
     return pools
 
 
+def prompt_cache(model, prompts: list[list[int]], repeats: int, capacity: int):
+    """A static KV cache holding every prompt but its last token, left-padded, each row `repeats` times.
+
+    Each prompt is encoded on its own, so no compute goes to padding; the padded slots hold
+    zeros that the attention mask hides. The cache is preallocated for `capacity` tokens, so
+    decoding writes in place instead of copying a growing cache at every step. Models with
+    sliding-window layers get None: the caller encodes the padded batch instead.
+    """
+    import torch
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    if not all(type(layer) is StaticLayer for layer in cache.layers):
+        return None
+    width = max(len(ids) for ids in prompts) - 1
+    encoded = [model(input_ids=torch.tensor([ids[:-1]]), use_cache=True, logits_to_keep=1).past_key_values.layers
+               for ids in prompts]
+
+    def stitched(tensors):
+        padded = [torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0)) for t in tensors]
+        return torch.cat(padded).repeat_interleave(repeats, 0)
+
+    for i in range(len(cache.layers)):
+        cache.update(stitched([layers[i].keys for layers in encoded]),
+                     stitched([layers[i].values for layers in encoded]), i)
+    return cache
+
+
 def sample_pairs(model, tokenizer, prompts: list[list[dict]], params: GeneratePreferencesParams, progress=None):
     """Two sampled responses per prompt, and the number of tokens generated (up to each EOS).
 
-    On long prompts the prompt pass dominates, so each prompt is encoded once and its KV cache
-    shared by both samples, and batches hold prompts of similar length (less padding).
+    On long prompts the prompt pass dominates, so each prompt is encoded once, without padding,
+    and its KV cache shared by both samples; batches hold prompts of similar length, so decoding
+    spends little attention on padding.
     """
     import torch
 
-    lengths = [len(ids) for ids in tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
-                                                                 return_dict=True)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    encoded = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
     pairs, generated = [None] * len(prompts), 0
     for start in range(0, len(order), params.batch_size):
         indices = order[start:start + params.batch_size]
-        inputs = tokenizer.apply_chat_template([prompts[i] for i in indices], add_generation_prompt=True,
-                                               padding=True, return_tensors="pt", return_dict=True)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        width = max(len(encoded[i]) for i in indices)
+        ids = torch.full((len(indices), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(indices), width), dtype=torch.long)
+        for row, i in enumerate(indices):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
         with torch.no_grad():
-            # Left padding: positions count real tokens only, as generate() itself computes them.
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                          use_cache=True).past_key_values
-            cache.batch_repeat_interleave(2)
+            cache = prompt_cache(model, [encoded[i] for i in indices], 2, width + params.max_new_tokens)
+            if cache is None:
+                # Left padding: positions count real tokens only, as generate() itself computes them.
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                              use_cache=True, logits_to_keep=1).past_key_values
+                cache.batch_repeat_interleave(2)
             output = model.generate(input_ids=ids.repeat_interleave(2, 0), attention_mask=mask.repeat_interleave(2, 0),
                                     past_key_values=cache, do_sample=True, temperature=params.temperature,
                                     top_p=params.top_p, max_new_tokens=params.max_new_tokens,
                                     pad_token_id=tokenizer.pad_token_id)
-        new = output[:, ids.shape[1]:]
+        new = output[:, width:]
         # A sample ends at its first EOS (included); what follows is padding.
         ended = new == tokenizer.eos_token_id
         lengths_new = torch.where(ended.any(1), ended.int().argmax(1) + 1, new.shape[1])
@@ -154,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     params = load_section(args.params, "generate_preferences", GeneratePreferencesParams)
     log_config(log, "generate_preferences", params)
     require_policy_dir(args.model, "--model")
-    sizes = {pool: getattr(params, f"{pool}_pool_size") for pool in POOLS}
+    sizes = {pool: getattr(params, f"{pool}_pool_size") for pool in DEAL_ORDER}
     pools = draw_pools(read_prompts(args.prompts), sizes, params.seed)
 
     import torch

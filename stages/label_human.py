@@ -4,10 +4,13 @@ In:  the human preference pool (generate_preferences' human.jsonl: prompt, respo
      metadata.prompt_id); the git-tracked labels file written by the labelling tool, one line per
      labelled prompt: {"prompt_id", "preference": "1" | "2" | "tie", "response_1", "response_2", "labeller"};
      params `label_human`
+     optionally the held-out pool (eval.jsonl) with its own labels file (--eval-pool, --eval-labels)
 Out: <out>      one labelled pair per labelled prompt, in pool order:
                 {"prompt", "chosen", "rejected", "metadata": {...pool metadata, "grader": "human",
                  "preference": "1" | "2", "is_equal", "labeller"}}  (a tie: is_equal true, chosen = response_1)
+     <eval-out> the same for the held-out pool: pairs DPO is scored on, never trained on
      <metrics>  pool size, labelled, ties, preferred_1 / preferred_2, unlabelled, labels_on_earlier_samples
+                (and the same under "eval" for the held-out pool)
 
     python -m stages.label_human --pool data/preferences/human.jsonl --labels data/raw/labels/human.jsonl \
         --out data/labelled/human.jsonl --metrics metrics/label_human.json
@@ -88,33 +91,23 @@ def labelled_pair(record: dict, label: dict) -> dict:
     return {"prompt": record["prompt"], "chosen": chosen, "rejected": rejected, "metadata": metadata}
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default=DEFAULT_PARAMS)
-    parser.add_argument("--pool", required=True, type=Path, help="the human preference pool (JSONL)")
-    parser.add_argument("--labels", required=True, type=Path, help="the labels file written by tools.label_server")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--metrics", required=True, type=Path)
-    args = parser.parse_args(argv)
-
-    params = load_section(args.params, "label_human", LabelHumanParams)
-    log_config(log, "label_human", params)
-
-    label_command = f"`python -m tools.label_server --pool {args.pool} --labels {args.labels}`"
-    pool = read_pool(args.pool)
-    if not args.labels.exists():
-        raise StageError(f"{args.labels}: labels file not found; label the pool with {label_command}")
-    labels = read_labels(args.labels)
+def label_pool(pool_path: Path, labels_path: Path, min_labels: int, key: str) -> tuple[list[dict], dict]:
+    """(labelled pairs in pool order, metrics) for one pool and its labels file."""
+    label_command = f"`python -m tools.label_server --pool {pool_path} --labels {labels_path}`"
+    pool = read_pool(pool_path)
+    if not labels_path.exists():
+        raise StageError(f"{labels_path}: labels file not found; label the pool with {label_command}")
+    labels = read_labels(labels_path)
     if not labels:
-        raise StageError(f"{args.labels}: no labels; label the pool with {label_command}")
+        raise StageError(f"{labels_path}: no labels; label the pool with {label_command}")
     by_prompt = {record["metadata"]["prompt_id"]: record for record in pool}
     for line, label in labels:
         if label["prompt_id"] not in by_prompt:
-            raise StageError(f"{args.labels}:{line}: prompt_id '{label['prompt_id']}' is not in the pool {args.pool} "
+            raise StageError(f"{labels_path}:{line}: prompt_id '{label['prompt_id']}' is not in the pool {pool_path} "
                              f"(a label for an earlier pool? remove the line)")
-    if len(labels) < params.min_labels:
-        raise StageError(f"label_human.min_labels: {args.labels} has {len(labels)} labels, fewer than the "
-                         f"{params.min_labels} asked for; label more with {label_command}")
+    if len(labels) < min_labels:
+        raise StageError(f"{key}: {labels_path} has {len(labels)} labels, fewer than the {min_labels} asked for; "
+                         f"label more with {label_command}")
 
     label_of = {label["prompt_id"]: label for _, label in labels}
     pairs, earlier = [], 0
@@ -135,10 +128,42 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "unlabelled": len(pool) - len(pairs),
         "labels_on_earlier_samples": earlier,
     }
+    return pairs, metrics
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default=DEFAULT_PARAMS)
+    parser.add_argument("--pool", required=True, type=Path, help="the human preference pool (JSONL)")
+    parser.add_argument("--labels", required=True, type=Path, help="the labels file written by tools.label_server")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--metrics", required=True, type=Path)
+    held_out = parser.add_argument_group("people's labels of the held-out pool (all three or none)")
+    held_out.add_argument("--eval-pool", type=Path, help="the held-out pool (generate_preferences' eval.jsonl)")
+    held_out.add_argument("--eval-labels", type=Path, help="its labels file")
+    held_out.add_argument("--eval-out", type=Path, help="held-out pairs labelled by people")
+    args = parser.parse_args(argv)
+    given = [name for name in ("eval_pool", "eval_labels", "eval_out") if getattr(args, name) is not None]
+    if given and len(given) < 3:
+        missing = sorted({"eval_pool", "eval_labels", "eval_out"} - set(given))
+        raise StageError(f"label_human: --{given[0].replace('_', '-')} needs "
+                         + " and ".join(f"--{m.replace('_', '-')}" for m in missing))
+
+    params = load_section(args.params, "label_human", LabelHumanParams)
+    log_config(log, "label_human", params)
+    pairs, metrics = label_pool(args.pool, args.labels, params.min_labels, "label_human.min_labels")
+    eval_pairs = None
+    if given:
+        eval_pairs, metrics["eval"] = label_pool(args.eval_pool, args.eval_labels, 1, "--eval-labels")
     write_jsonl(args.out, pairs)
+    if eval_pairs is not None:
+        write_jsonl(args.eval_out, eval_pairs)
     write_json(args.metrics, metrics)
-    log.info("%d of %d prompts labelled (%d ties, %d on earlier samples)", len(pairs), len(pool),
-             metrics["ties"], earlier)
+    log.info("%d of %d prompts labelled (%d ties, %d on earlier samples)", len(pairs), metrics["pool_prompts"],
+             metrics["ties"], metrics["labels_on_earlier_samples"])
+    if eval_pairs is not None:
+        log.info("held out: %d of %d prompts labelled (%d ties)", len(eval_pairs), metrics["eval"]["pool_prompts"],
+                 metrics["eval"]["ties"])
     return metrics
 
 

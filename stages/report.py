@@ -127,8 +127,9 @@ def stage_lines(paths: Sequence[Path]) -> list[str]:
     """The headline numbers of training stages, one row per metrics file."""
     if not paths:
         return []
-    keep = ("eval_loss", "eval_reward_margin", "eval_reward_accuracy", "reward_before", "reward_after", "roc_auc",
-            "accuracy", "train_seconds", "seconds")
+    keep = ("eval_loss", "eval_reward_margin", "eval_reward_accuracy", "eval_human_reward_margin",
+            "eval_human_reward_accuracy", "reward_before", "reward_after", "roc_auc", "accuracy", "train_seconds",
+            "seconds")
     lines = ["## Training stages", "", "| metrics file | " + " | ".join(keep) + " |", "|---" * (len(keep) + 1) + "|"]
     for path in paths:
         data = read_json(path)

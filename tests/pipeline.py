@@ -34,6 +34,10 @@ def tiny_overrides(tiny_model_dir: Path) -> dict:
         "reward_model.base": "policy",
         "reward_model.trainer.num_train_epochs": 1,
         "generate_preferences.max_new_tokens": 8,
+        "generate_preferences.ai_pool_size": 24,
+        "generate_preferences.human_pool_size": 6,
+        "generate_preferences.eval_pool_size": 12,
+        "label_ai.tie_margin": 0.0,  # every pair counts: the DPO pair counts below are fixed
         # The tiny tokenizer needs about 150 tokens for the system prompt alone.
         "dpo.defaults.max_prompt_tokens": 256,
         "dpo.defaults.trainer.max_length": 320,
@@ -97,16 +101,18 @@ class PipelineRepo:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
-    def label_human_pool(self) -> list[str]:
-        """Label the human pool as a person would with the labelling tool: 1, 2, tie, 1, 2, tie, ..."""
+    def label_pools(self) -> dict[str, list[str]]:
+        """Label the human and held-out pools as a person would with the labelling tool: 1, 2, tie, 1, ..."""
         from tools.label_server import LabelStore
 
-        labels = self.path(self.params()["raw"]["human_labels"])
-        labels.unlink(missing_ok=True)  # the shipped labels belong to the embedded model's pool
-        store = LabelStore(self.path("data/preferences/human.jsonl"), labels, "test")
-        preferences = [("1", "2", "tie")[i % 3] for i in range(len(store.prompt_ids))]
-        for prompt_id, preference in zip(store.prompt_ids, preferences):
-            store.set_label(prompt_id, preference)
+        preferences = {}
+        for pool, labels_key in (("human", "human_labels"), ("eval", "eval_labels")):
+            labels = self.path(self.params()["raw"][labels_key])
+            labels.unlink(missing_ok=True)  # the shipped labels belong to the embedded model's pools
+            store = LabelStore(self.path(f"data/preferences/{pool}.jsonl"), labels, "test")
+            preferences[pool] = [("1", "2", "tie")[i % 3] for i in range(len(store.prompt_ids))]
+            for prompt_id, preference in zip(store.prompt_ids, preferences[pool]):
+                store.set_label(prompt_id, preference)
         return preferences
 
 

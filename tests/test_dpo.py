@@ -42,7 +42,7 @@ def sft_adapter(tmp_path_factory, tiny_model_dir):
     return out
 
 
-def run(tmp_path, start, variant="rlaif", train=TRAIN, eval_pairs=EVAL, out="out", **defaults):
+def run(tmp_path, start, variant="rlaif", train=TRAIN, eval_pairs=EVAL, out="out", eval_human=None, **defaults):
     tmp_path.mkdir(parents=True, exist_ok=True)
     section = {"defaults": {**FAST, **defaults}, variant: {}}
     params = write_params(tmp_path / "params.yaml", {"dpo": section})
@@ -50,6 +50,8 @@ def run(tmp_path, start, variant="rlaif", train=TRAIN, eval_pairs=EVAL, out="out
             "--train", str(write_jsonl(tmp_path / "train.jsonl", train)),
             "--eval", str(write_jsonl(tmp_path / "eval.jsonl", eval_pairs)),
             "--out", str(tmp_path / out), "--metrics", str(tmp_path / f"{out}.json"), "--plots", str(tmp_path / "plots")]
+    if eval_human is not None:
+        argv += ["--eval-human", str(write_jsonl(tmp_path / "eval_human.jsonl", eval_human))]
     return dpo.main(argv)
 
 
@@ -97,6 +99,17 @@ def test_a_second_dpo_stacks_on_the_first(workdir, tiny_model_dir, sft_adapter):
     assert policy_stack(workdir / "second") == (tiny_model_dir, [sft_adapter, workdir / "first", workdir / "second"])
     model, _ = load_policy(workdir / "second")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_held_out_human_pairs_are_scored_on_their_own_labels(workdir, tiny_model_dir):
+    # The people preferred the other reply: the model trained on the AI pairs disagrees with all of them.
+    disagree = [pair(i, "Thanks. Thanks. Thanks.", "I changed my view because") for i in range(200, 203)]
+    metrics = run(workdir, tiny_model_dir, eval_human=[*disagree, pair(203, "a", "b", is_equal=True)])
+    assert metrics["eval_reward_margin"] > 0 and metrics["eval_reward_accuracy"] == 1.0
+    assert metrics["eval_human_reward_margin"] < -0.5 * metrics["eval_reward_margin"]
+    assert metrics["eval_human_reward_accuracy"] == 0 and metrics["eval_human_pairs"] == 3  # the tie is left out
+    assert metrics["eval_human_loss"] > math.log(2) > metrics["eval_loss"]
+    assert "eval_human.jsonl" in (workdir / "out" / "README.md").read_text()
 
 
 def test_full_fine_tuning_keeps_a_frozen_reference(workdir, tiny_model_dir):

@@ -70,7 +70,7 @@ def test_batched_samples_differ_between_the_two_responses(tmp_path, tiny_model_d
 
 
 def test_asking_for_more_prompts_than_exist_says_how_many(tmp_path, tiny_model_dir, prompt_files):
-    with pytest.raises(StageError, match=r"^generate_preferences: the pools ask for 40 prompts \(ai 30 \+ human 5 \+ eval 5\) "
+    with pytest.raises(StageError, match=r"^generate_preferences: the pools ask for 40 prompts \(human 5 \+ eval 5 \+ ai 30\) "
                                          r"but only 24 prompts in 10 conversations exist"):
         run(tmp_path, tiny_model_dir, prompt_files, ai_pool_size=30, human_pool_size=5, eval_pool_size=5)
     assert not (tmp_path / "prefs").exists() and not (tmp_path / "metrics.json").exists()
@@ -101,6 +101,14 @@ def test_shared_prompt_cache_gives_what_plain_generation_gives(tiny_model_dir):
     prompts[2][1]["content"] += " A much longer question, so the batch needs left padding." * 3
     near_greedy = generate_preferences.GeneratePreferencesParams(temperature=1e-6, top_p=1.0, max_new_tokens=6,
                                                                  batch_size=3)
+    encoded = tokenizer.apply_chat_template(prompts[:3], add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+    width = max(len(ids) for ids in encoded)
+    with torch.no_grad():
+        cache = generate_preferences.prompt_cache(model, encoded, 2, width + 6)
+    # Every prompt but its last token, left-padded to the longest, once per sample.
+    assert cache.get_seq_length() == width - 1
+    assert tuple(cache.layers[0].keys.shape[::2]) == (6, width + 6)
     pairs, _ = generate_preferences.sample_pairs(model, tokenizer, prompts, near_greedy)
     for prompt, pair in zip(prompts, pairs):
         inputs = tokenizer.apply_chat_template([prompt], add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -108,3 +116,44 @@ def test_shared_prompt_cache_gives_what_plain_generation_gives(tiny_model_dir):
             output = model.generate(**inputs, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)
         expected = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         assert pair == (expected, expected)
+
+
+def test_sliding_window_model_encodes_the_padded_batch_and_still_matches_plain_generation():
+    """A sliding-window cache keeps a window, not the whole prompt: the stage falls back to the padded batch."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.padding_side = "left"
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=512,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    prompts = [persuasion_record(c, 0)["messages"][:2] for c in range(3)]
+    prompts[1][1]["content"] += " A much longer question, so the batch needs left padding." * 3
+    encoded = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+    with torch.no_grad():
+        assert generate_preferences.prompt_cache(model, encoded, 2, 64) is None
+    near_greedy = generate_preferences.GeneratePreferencesParams(temperature=1e-6, top_p=1.0, max_new_tokens=5,
+                                                                 batch_size=3)
+    pairs, generated = generate_preferences.sample_pairs(model, tokenizer, prompts, near_greedy)
+    for prompt, pair in zip(prompts, pairs):
+        inputs = tokenizer.apply_chat_template([prompt], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            output = model.generate(**inputs, do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
+        assert pair[0] == pair[1] == tokenizer.decode(output[0, inputs["input_ids"].shape[1]:],
+                                                      skip_special_tokens=True).strip()
+    assert 0 < generated <= 3 * 2 * 5
+
+
+def test_growing_the_ai_pool_moves_neither_the_human_nor_the_eval_pool(tmp_path, tiny_model_dir, prompt_files):
+    run(tmp_path, tiny_model_dir, prompt_files, ai_pool_size=2)
+    before = {pool: [r["metadata"]["prompt_id"] for r in read_pool(tmp_path, pool)] for pool in ("human", "eval", "ai")}
+    run(tmp_path, tiny_model_dir, prompt_files, ai_pool_size=12)
+    after = {pool: [r["metadata"]["prompt_id"] for r in read_pool(tmp_path, pool)] for pool in ("human", "eval", "ai")}
+    assert after["human"] == before["human"] and after["eval"] == before["eval"]
+    assert len(after["ai"]) == 12 and not set(after["ai"]) & set(after["human"] + after["eval"])

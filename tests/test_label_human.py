@@ -8,8 +8,6 @@ from stages import label_human
 from stages.lib import StageError
 from tests.conftest import REPO_ROOT, write_params
 
-SHIPPED_POOL = REPO_ROOT / "data" / "preferences" / "human.jsonl"
-SHIPPED_LABELS = REPO_ROOT / "data" / "raw" / "labels" / "human.jsonl"
 
 
 def pool_record(i: int) -> dict:
@@ -171,18 +169,56 @@ def test_bad_params_name_the_key(tmp_path, pool, section, message):
         run(tmp_path, pool, labels, **section)
 
 
-@pytest.mark.skipif(not SHIPPED_LABELS.exists(), reason="no shipped labels file data/raw/labels/human.jsonl")
-def test_shipped_labels_are_well_formed_and_cover_the_generated_pool(tmp_path):
-    labels = label_human.read_labels(SHIPPED_LABELS)
+@pytest.mark.parametrize("pool_name", ["human", "eval"])
+def test_shipped_labels_are_well_formed_and_cover_the_generated_pool(tmp_path, pool_name):
+    shipped_labels = REPO_ROOT / "data" / "raw" / "labels" / f"{pool_name}.jsonl"
+    shipped_pool = REPO_ROOT / "data" / "preferences" / f"{pool_name}.jsonl"
+    labels = label_human.read_labels(shipped_labels)
     assert labels and all(label["labeller"] for _, label in labels)
-    if not SHIPPED_POOL.exists():
-        pytest.skip("data/preferences/human.jsonl not generated yet (dvc repro generate_preferences)")
-    metrics = run(tmp_path, SHIPPED_POOL, SHIPPED_LABELS)
+    if not shipped_pool.exists():
+        pytest.skip(f"{shipped_pool.relative_to(REPO_ROOT)} not generated yet (dvc repro generate_preferences)")
+    metrics = run(tmp_path, shipped_pool, shipped_labels)
     rows = read_out(tmp_path)
     assert metrics["labelled"] == len(rows) == len(labels)
     assert metrics["pool_prompts"] == metrics["labelled"] + metrics["unlabelled"]
     assert metrics["ties"] + metrics["preferred_1"] + metrics["preferred_2"] == metrics["labelled"]
     assert sum(row["metadata"]["is_equal"] for row in rows) == metrics["ties"]
     for row in rows:
-        assert row["metadata"]["grader"] == "human" and row["metadata"]["pool"] == "human"
+        assert row["metadata"]["grader"] == "human" and row["metadata"]["pool"] == pool_name
         assert row["prompt"][-1]["role"] == "user"
+
+
+def test_labels_of_the_held_out_pool_become_held_out_pairs(tmp_path, pool):
+    labels = write_lines(tmp_path / "labels.jsonl", [label(0, "1"), label(2, "2")])
+    eval_pool = write_lines(tmp_path / "eval_pool.jsonl", [{**pool_record(i), "metadata": {
+        **pool_record(i)["metadata"], "pool": "eval"}} for i in range(10, 14)])
+    eval_labels = write_lines(tmp_path / "eval_labels.jsonl", [label(13, "2", "bo"), label(11, "tie", "bo"),
+                                                              label(10, "1", "bo")])
+    params = write_params(tmp_path / "params.yaml", {"label_human": {"min_labels": 2}})
+    metrics = label_human.main(["--params", str(params), "--pool", str(pool), "--labels", str(labels),
+                                "--out", str(tmp_path / "out" / "human.jsonl"), "--metrics", str(tmp_path / "m.json"),
+                                "--eval-pool", str(eval_pool), "--eval-labels", str(eval_labels),
+                                "--eval-out", str(tmp_path / "out" / "eval_human.jsonl")])
+    assert metrics["labelled"] == 2 and metrics["eval"] == {
+        "pool_prompts": 4, "labelled": 3, "ties": 1, "preferred_1": 1, "preferred_2": 1, "unlabelled": 1,
+        "labels_on_earlier_samples": 0}
+    held_out = [json.loads(line) for line in (tmp_path / "out" / "eval_human.jsonl").read_text().splitlines()]
+    assert [r["metadata"]["prompt_id"] for r in held_out] == ["cmv:t1_10", "cmv:t1_11", "cmv:t1_13"]  # pool order
+    assert held_out[2]["chosen"] == "second reply to 13" and held_out[2]["rejected"] == "first reply to 13"
+    assert held_out[1]["metadata"]["is_equal"] and held_out[0]["metadata"]["labeller"] == "bo"
+    assert all(r["metadata"]["pool"] == "eval" and r["metadata"]["grader"] == "human" for r in held_out)
+
+
+def test_held_out_labels_are_checked_like_training_labels(tmp_path, pool):
+    labels = write_lines(tmp_path / "labels.jsonl", [label(0, "1")])
+    eval_labels = write_lines(tmp_path / "eval_labels.jsonl", [label(3, "1")])
+    common = ["--pool", str(pool), "--labels", str(labels), "--out", str(tmp_path / "h.jsonl"),
+              "--metrics", str(tmp_path / "m.json")]
+    with pytest.raises(StageError, match=r"^label_human: --eval-pool needs --eval-labels and --eval-out$"):
+        label_human.main([*common, "--eval-pool", str(pool)])
+    other_pool = write_lines(tmp_path / "eval_pool.jsonl", [pool_record(i) for i in range(10, 12)])
+    with pytest.raises(StageError, match=r"eval_labels\.jsonl:1: prompt_id 'cmv:t1_3' is not in the pool "
+                                         r".*eval_pool\.jsonl"):
+        label_human.main([*common, "--eval-pool", str(other_pool), "--eval-labels", str(eval_labels),
+                          "--eval-out", str(tmp_path / "e.jsonl")])
+    assert not (tmp_path / "h.jsonl").exists() and not (tmp_path / "e.jsonl").exists()

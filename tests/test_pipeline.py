@@ -1,6 +1,7 @@
 """End to end: the real dvc.yaml, run by `dvc repro` in a temp copy of the repository."""
 
 import json
+import math
 import time
 
 import pytest
@@ -14,9 +15,9 @@ pytestmark = pytest.mark.slow
 def repo(tmp_path_factory, tiny_model_dir):
     repo = PipelineRepo.copy_of_project(tmp_path_factory.mktemp("pipeline") / "repo")
     repo.set_params(tiny_overrides(tiny_model_dir))
-    # As a user would: sample the preference pools, label the human pool, then run the rest.
+    # As a user would: sample the preference pools, label the human and held-out pools, then run the rest.
     repo.upstream = stages_run(repo.repro("generate_preferences"))
-    repo.preferences = repo.label_human_pool()
+    repo.preferences = repo.label_pools()
     return repo
 
 
@@ -47,11 +48,15 @@ def test_full_pipeline_runs_then_is_up_to_date(repo):
     judged = json.loads(repo.path("metrics/label_ai.json").read_text())
     assert (judged["ai"]["pairs"], judged["eval"]["pairs"]) == (24, 12)
     human = [json.loads(line) for line in repo.path("data/labelled/human.jsonl").read_text().splitlines()]
-    assert [p["metadata"]["preference"] for p in human] == [{"tie": "1"}.get(p, p) for p in repo.preferences]
-    assert [p["metadata"]["is_equal"] for p in human] == [p == "tie" for p in repo.preferences]
+    assert [p["metadata"]["preference"] for p in human] == [{"tie": "1"}.get(p, p) for p in repo.preferences["human"]]
+    assert [p["metadata"]["is_equal"] for p in human] == [p == "tie" for p in repo.preferences["human"]]
+    held_out = [json.loads(line) for line in repo.path("data/labelled/eval_human.jsonl").read_text().splitlines()]
+    assert [p["metadata"]["is_equal"] for p in held_out] == [p == "tie" for p in repo.preferences["eval"]]
+    assert all(p["metadata"]["pool"] == "eval" for p in held_out)
     for variant, pairs in (("rlhf", 4), ("rlaif", 24 - judged["ai"]["ties"]), ("rlaif_rlhf", 4)):
         dpo = json.loads(repo.path(f"metrics/dpo/{variant}.json").read_text())
-        assert dpo["train_pairs"] == pairs and dpo["eval_pairs"] == 12, variant
+        assert dpo["train_pairs"] == pairs and dpo["eval_pairs"] == 12 and dpo["eval_human_pairs"] == 8, variant
+        assert math.isfinite(dpo["eval_human_reward_margin"]) and 0 <= dpo["eval_human_reward_accuracy"] <= 1
     stack = json.loads(repo.path("models/dpo/rlaif_rlhf/stack.json").read_text())
     assert stack == {"base": "models/base", "adapters": ["models/sft/persuasion", "models/dpo/rlaif"]}
     rl = json.loads(repo.path("metrics/rl.json").read_text())
