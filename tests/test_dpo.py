@@ -102,13 +102,14 @@ def test_a_second_dpo_stacks_on_the_first(workdir, tiny_model_dir, sft_adapter):
 
 
 def test_held_out_human_pairs_are_scored_on_their_own_labels(workdir, tiny_model_dir):
-    # The people preferred the other reply: the model trained on the AI pairs disagrees with all of them.
+    # On three of five pairs the people preferred the other reply: the trained model disagrees with those.
     disagree = [pair(i, "Thanks. Thanks. Thanks.", "I changed my view because") for i in range(200, 203)]
-    metrics = run(workdir, tiny_model_dir, eval_human=[*disagree, pair(203, "a", "b", is_equal=True)])
+    agree = [pair(i, "I changed my view because", "Thanks. Thanks. Thanks.") for i in range(203, 205)]
+    metrics = run(workdir, tiny_model_dir, eval_human=[*disagree, *agree, pair(205, "a", "b", is_equal=True)])
     assert metrics["eval_reward_margin"] > 0 and metrics["eval_reward_accuracy"] == 1.0
-    assert metrics["eval_human_reward_margin"] < -0.5 * metrics["eval_reward_margin"]
-    assert metrics["eval_human_reward_accuracy"] == 0 and metrics["eval_human_pairs"] == 3  # the tie is left out
-    assert metrics["eval_human_loss"] > math.log(2) > metrics["eval_loss"]
+    assert metrics["eval_human_reward_margin"] < 0 and metrics["eval_human_pairs"] == 5  # the tie is left out
+    assert metrics["eval_human_reward_accuracy"] == pytest.approx(2 / 5)  # a mean over pairs, not over batches
+    assert metrics["eval_human_loss"] > metrics["eval_loss"]
     assert "eval_human.jsonl" in (workdir / "out" / "README.md").read_text()
 
 
