@@ -32,6 +32,7 @@ from typing import Sequence
 
 from stages.lib import StageError, run_stage
 from stages.lib.chat import read_chat_records, resolve_chat_template
+from stages.lib.generation import generate_batches
 from stages.lib.io import atomic_file, iter_jsonl, require_path, write_json, write_jsonl
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_params, parse_section
@@ -116,24 +117,16 @@ def first(items: list, limit: int | None) -> list:
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, seed: int,
              temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-    """One reply per rendered prompt (greedy at temperature 0), in batches of similar length, left-padded."""
+    """One reply per rendered prompt (greedy at temperature 0), in batches of similar length."""
     import torch
 
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
     replies = [""] * len(prompts)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    for start in range(0, len(order), batch_size):
-        indices = order[start:start + batch_size]
-        inputs = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
-                           add_special_tokens=False).to(model.device)
-        with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    **sampling)
-        texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, text in zip(indices, texts):
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    for indices, new in generate_batches(model, tokenizer, encoded, 1, max_new_tokens, batch_size, **sampling):
+        for i, text in zip(indices, tokenizer.batch_decode(new, skip_special_tokens=True)):
             replies[i] = text.strip()
     return replies
 

@@ -27,6 +27,7 @@ from typing import Sequence
 
 from stages.lib import StageError, run_stage
 from stages.lib.chat import read_chat_records
+from stages.lib.generation import generate_batches
 from stages.lib.io import atomic_dir, write_json, write_jsonl
 from stages.lib.log import get_logger, log_config
 from stages.lib.policy import load_policy, require_policy_dir
@@ -108,35 +109,6 @@ def draw_pools(prompts: list[dict], sizes: dict[str, int], seed: int) -> dict[st
     return pools
 
 
-def prompt_cache(model, prompts: list[list[int]], repeats: int, capacity: int):
-    """A static KV cache holding every prompt but its last token, left-padded, each row `repeats` times.
-
-    Each prompt is encoded on its own, so no compute goes to padding; the padded slots hold
-    zeros that the attention mask hides. The cache is preallocated for `capacity` tokens, so
-    decoding writes in place instead of copying a growing cache at every step. Models with
-    sliding-window layers get None: the caller encodes the padded batch instead.
-    """
-    import torch
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
-
-    cache = StaticCache(config=model.config, max_cache_len=capacity)
-    if not all(type(layer) is StaticLayer for layer in cache.layers):
-        return None
-    width = max(len(ids) for ids in prompts) - 1
-    encoded = [model(input_ids=torch.tensor([ids[:-1]]), use_cache=True, logits_to_keep=1).past_key_values.layers
-               for ids in prompts]
-
-    def stitched(tensors):
-        padded = [torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0)) for t in tensors]
-        return torch.cat(padded).repeat_interleave(repeats, 0)
-
-    for i in range(len(cache.layers)):
-        cache.update(stitched([layers[i].keys for layers in encoded]),
-                     stitched([layers[i].values for layers in encoded]), i)
-    return cache
-
-
 def sample_pairs(model, tokenizer, prompts: list[list[dict]], params: GeneratePreferencesParams, progress=None):
     """Two sampled responses per prompt, and the number of tokens generated (up to each EOS).
 
@@ -148,29 +120,9 @@ def sample_pairs(model, tokenizer, prompts: list[list[dict]], params: GeneratePr
 
     encoded = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
                                             return_dict=True)["input_ids"]
-    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
     pairs, generated = [None] * len(prompts), 0
-    for start in range(0, len(order), params.batch_size):
-        indices = order[start:start + params.batch_size]
-        width = max(len(encoded[i]) for i in indices)
-        ids = torch.full((len(indices), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, i in enumerate(indices):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        with torch.no_grad():
-            cache = prompt_cache(model, [encoded[i] for i in indices], 2, width + params.max_new_tokens)
-            if cache is None:
-                # Left padding: positions count real tokens only, as generate() itself computes them.
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                              use_cache=True, logits_to_keep=1).past_key_values
-                cache.batch_repeat_interleave(2)
-            output = model.generate(input_ids=ids.repeat_interleave(2, 0), attention_mask=mask.repeat_interleave(2, 0),
-                                    past_key_values=cache, do_sample=True, temperature=params.temperature,
-                                    top_p=params.top_p, max_new_tokens=params.max_new_tokens,
-                                    pad_token_id=tokenizer.pad_token_id)
-        new = output[:, width:]
+    for indices, new in generate_batches(model, tokenizer, encoded, 2, params.max_new_tokens, params.batch_size,
+                                         do_sample=True, temperature=params.temperature, top_p=params.top_p):
         # A sample ends at its first EOS (included); what follows is padding.
         ended = new == tokenizer.eos_token_id
         lengths_new = torch.where(ended.any(1), ended.int().argmax(1) + 1, new.shape[1])

@@ -4,6 +4,7 @@ import pytest
 
 from stages import generate_preferences
 from stages.lib import StageError
+from stages.lib.generation import prompt_cache
 from stages.lib.policy import load_policy
 from tests.chats import write_jsonl
 from tests.conftest import write_params
@@ -105,7 +106,7 @@ def test_shared_prompt_cache_gives_what_plain_generation_gives(tiny_model_dir):
                                             return_dict=True)["input_ids"]
     width = max(len(ids) for ids in encoded)
     with torch.no_grad():
-        cache = generate_preferences.prompt_cache(model, encoded, 2, width + 6)
+        cache = prompt_cache(model, encoded, 2, width + 6)
     # Every prompt but its last token, left-padded to the longest, once per sample.
     assert cache.get_seq_length() == width - 1
     assert tuple(cache.layers[0].keys.shape[::2]) == (6, width + 6)
@@ -137,7 +138,7 @@ def test_sliding_window_model_encodes_the_padded_batch_and_still_matches_plain_g
     encoded = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
                                             return_dict=True)["input_ids"]
     with torch.no_grad():
-        assert generate_preferences.prompt_cache(model, encoded, 2, 64) is None
+        assert prompt_cache(model, encoded, 2, 64) is None
     near_greedy = generate_preferences.GeneratePreferencesParams(temperature=1e-6, top_p=1.0, max_new_tokens=5,
                                                                  batch_size=3)
     pairs, generated = generate_preferences.sample_pairs(model, tokenizer, prompts, near_greedy)
