@@ -48,13 +48,10 @@ def generate_batches(model, tokenizer, prompts: list[list[int]], repeats: int, m
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in indices)
-        ids = torch.full((len(indices), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, i in enumerate(indices):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
-        ids, mask = ids.to(model.device), mask.to(model.device)
+        inputs = tokenizer.pad({"input_ids": [prompts[i] for i in indices]}, padding_side="left",
+                               return_tensors="pt").to(model.device)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        width = ids.shape[1]
         with torch.no_grad():
             cache = prompt_cache(model, [prompts[i] for i in indices], repeats, width + max_new_tokens)
             if cache is None:
