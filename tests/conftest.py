@@ -58,6 +58,30 @@ def write_params(path: Path, params: dict) -> Path:
     return path
 
 
+def merged(base: dict, override: dict) -> dict:
+    """`override` on top of `base`, mappings merged key by key; a value of None under a mapping key deletes it
+    only where the key is named with a trailing `!` (`{"max_steps!": None}`), so null stays a settable value."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(key, str) and key.endswith("!"):
+            out.pop(key[:-1], None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def project_params() -> dict:
+    """The project's own params.yaml: tests run the values the pipeline runs."""
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def params_file(path: Path, overrides: dict | None = None) -> Path:
+    """Write the project's params.yaml with `overrides` merged in (e.g. `{"sft": {"toy": {...}}}`)."""
+    return write_params(path, merged(project_params(), overrides or {}))
+
+
 def venv_env() -> dict:
     """Environment in which `python` and `dvc` are this interpreter's."""
     bin_dir = str(Path(sys.executable).parent)
