@@ -26,17 +26,19 @@ import math
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.chat import read_chat_records, resolve_chat_template
-from stages.lib.generation import generate_batches
-from stages.lib.io import atomic_file, iter_jsonl, require_path, write_json, write_jsonl
+from stages.lib.chat import resolve_chat_template
+from stages.lib.generation import generate_batches, reply_logprobs, sample_replies
+from stages.lib.io import iter_jsonl, require_path, write_json, write_jsonl
 from stages.lib.log import get_logger, log_config
-from stages.lib.params import DEFAULT_PARAMS, load_params, parse_section
+from stages.lib.params import DEFAULT_PARAMS, build, load_params, parse_section
 from stages.lib.policy import load_policy, policy_stack, require_policy_dir
+from stages.lib.records import (read_chat_records, read_pool, read_starters, rewards_path, split_starters,
+                                write_rewards)
 from stages.lib.schema import schema_errors
 
 log = get_logger("evaluate")
@@ -53,10 +55,10 @@ def _at_least(obj, names: Sequence[str], least: int = 1) -> None:
 
 @dataclass
 class PersuasionEval:
-    max_prompts: int | None = None  # null: the whole final-eval pool
-    max_new_tokens: int = 64  # as generate_preferences, so the model's replies compare with the SFT samples
-    temperature: float = 0.9
-    top_p: float = 0.95
+    max_prompts: int | None  # null: the whole final-eval pool
+    max_new_tokens: int  # as generate_preferences, so the model's replies compare with the SFT samples
+    temperature: float
+    top_p: float
 
     def __post_init__(self):
         _at_least(self, ["max_prompts", "max_new_tokens"])
@@ -64,9 +66,9 @@ class PersuasionEval:
 
 @dataclass
 class AgentEval:
-    max_examples: int | None = 4  # test conversations for the assistant-token loss (about 4.5k tokens each)
-    max_tool_prompts: int = 4  # tool-calling turns to generate at, in file order
-    max_new_tokens: int = 96
+    max_examples: int | None  # test conversations for the assistant-token loss (about 4.5k tokens each)
+    max_tool_prompts: int  # tool-calling turns to generate at, in file order
+    max_new_tokens: int
 
     def __post_init__(self):
         _at_least(self, ["max_examples", "max_tool_prompts", "max_new_tokens"])
@@ -74,8 +76,8 @@ class AgentEval:
 
 @dataclass
 class PersonaEval:
-    max_examples: int | None = 2
-    max_new_tokens: int = 512
+    max_examples: int | None
+    max_new_tokens: int
 
     def __post_init__(self):
         _at_least(self, ["max_examples", "max_new_tokens"])
@@ -83,7 +85,7 @@ class PersonaEval:
 
 @dataclass
 class PerplexityEval:
-    max_examples: int | None = 16
+    max_examples: int | None
 
     def __post_init__(self):
         _at_least(self, ["max_examples"])
@@ -91,16 +93,35 @@ class PerplexityEval:
 
 @dataclass
 class EvaluateParams:
-    batch_size: int = 8  # prompts per generate call
-    seed: int = 42
-    bootstrap_resamples: int = 2000  # for the win rate's 95% interval
-    persuasion: PersuasionEval = field(default_factory=PersuasionEval)
-    agent: AgentEval = field(default_factory=AgentEval)
-    persona: PersonaEval = field(default_factory=PersonaEval)
-    perplexity: PerplexityEval = field(default_factory=PerplexityEval)
+    batch_size: int  # prompts per generate call
+    seed: int
+    bootstrap_resamples: int  # for the win rate's 95% interval
+    persuasion: PersuasionEval
+    agent: AgentEval
+    persona: PersonaEval
+    perplexity: PerplexityEval
 
     def __post_init__(self):
         _at_least(self, ["batch_size", "bootstrap_resamples"])
+
+
+@dataclass
+class StyleStarters:
+    """The keys of the `rl` section that pick its held-out starters and sample replies to them as the rl stage does."""
+    seed: int
+    eval_prompts: int
+    batch_size: int
+    eval_generations: int
+    response_length: int
+    temperature: float
+
+
+def style_starters_params(params_path: Path) -> StyleStarters:
+    section = load_params(params_path).get("rl")
+    if not isinstance(section, dict):
+        raise StageError("rl: section missing from params")
+    names = {f.name for f in fields(StyleStarters)}
+    return build(StyleStarters, {key: value for key, value in section.items() if key in names}, "rl")
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -184,8 +205,7 @@ def win(score: float, other: float) -> float:
 
 
 def eval_persuasion(model, tokenizer, params: EvaluateParams, pool_path: Path, reward_fn, samples: list) -> dict:
-    rows = [record for _, record in iter_jsonl(pool_path, required=("prompt", "response_1", "response_2"))]
-    rows = first(rows, params.persuasion.max_prompts)
+    rows = first(read_pool(pool_path), params.persuasion.max_prompts)
     if not rows:
         raise StageError(f"{pool_path}: no prompts to evaluate on")
     p = params.persuasion
@@ -196,7 +216,7 @@ def eval_persuasion(model, tokenizer, params: EvaluateParams, pool_path: Path, r
     for i, (row, reply) in enumerate(zip(rows, replies)):
         own, sft_1, sft_2 = scores[3 * i:3 * i + 3]
         wins.append((win(own, sft_1) + win(own, sft_2)) / 2)
-        prompt_id = row.get("metadata", {}).get("prompt_id", i)
+        prompt_id = row["metadata"]["prompt_id"]
         per_prompt.append({"prompt_id": prompt_id, "reward": own, "sft_reward_1": sft_1, "sft_reward_2": sft_2})
         samples.append({"task": "persuasion", "prompt_id": prompt_id, "reply": reply, "reward": round(own, 4)})
     low, high = bootstrap_interval(wins, params.bootstrap_resamples, params.seed)
@@ -298,10 +318,8 @@ def eval_persona(model, tokenizer, params: EvaluateParams, val_path: Path, sampl
 
 def eval_style(model, tokenizer, model_dir: Path, reference: Path, params_path: Path, starters_path: Path,
                reward_fn, samples: list) -> tuple[dict, list[dict]]:
-    from stages.rl import RLParams, read_starters, reply_logprobs, sample_replies, split_starters
-
-    rl = parse_section(load_params(params_path), "rl", RLParams)
-    _, held_out = split_starters(read_starters(starters_path), rl, starters_path)
+    rl = style_starters_params(params_path)
+    _, held_out = split_starters(read_starters(starters_path), rl.seed, rl.eval_prompts, rl.batch_size, starters_path)
     replies = sample_replies(model, tokenizer, [s["prompt"] for s in held_out], rl)
     rewards = [reward_fn(group) for group in replies.texts]
     if policy_stack(model_dir) == policy_stack(reference):
@@ -325,14 +343,6 @@ def eval_perplexity(model, tokenizer, params: EvaluateParams, heldout_path: Path
     records = first(read_chat_records(heldout_path), params.perplexity.max_examples)
     nll, tokens = assistant_nll(model, tokenizer, records)
     return {"perplexity": round(math.exp(nll / tokens), 4), "assistant_tokens": tokens, "examples": len(records)}
-
-
-def write_rewards(path: Path, rows: list[dict]) -> None:
-    columns = list(rows[0])
-    with atomic_file(path) as handle:
-        handle.write("\t".join(columns) + "\n")
-        handle.writelines("\t".join(f"{r[c]:.6f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + "\n"
-                          for r in rows)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -393,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     shutil.rmtree(args.samples, ignore_errors=True)
     args.samples.mkdir(parents=True)
     for task, rows in rewards.items():
-        write_rewards(args.samples / f"{task}_rewards.tsv", rows)
+        write_rewards(rewards_path(args.samples, task), rows)
     write_jsonl(args.samples / "samples.jsonl", samples)
     write_json(args.out, metrics)
     return metrics

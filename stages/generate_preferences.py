@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.chat import read_chat_records
-from stages.lib.generation import generate_batches
-from stages.lib.io import atomic_dir, write_json, write_jsonl
+from stages.lib.generation import sample_pairs
+from stages.lib.io import atomic_dir, write_json
 from stages.lib.log import get_logger, log_config
 from stages.lib.policy import load_policy, require_policy_dir
 from stages.lib.params import DEFAULT_PARAMS, load_section
+from stages.lib.records import PoolRecord, read_prompts, write_pool
 
 log = get_logger("generate_preferences")
 
@@ -43,14 +43,14 @@ DEAL_ORDER = ("human", "eval", "ai")
 
 @dataclass
 class GeneratePreferencesParams:
-    ai_pool_size: int = 24
-    human_pool_size: int = 6
-    eval_pool_size: int = 12
-    temperature: float = 0.9
-    top_p: float = 0.95
-    max_new_tokens: int = 96
-    batch_size: int = 8  # prompts per generate call; each call returns both samples of every prompt
-    seed: int = 42
+    ai_pool_size: int
+    human_pool_size: int
+    eval_pool_size: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    batch_size: int  # prompts per generate call; each call returns both samples of every prompt
+    seed: int
 
     def __post_init__(self):
         for pool in POOLS:
@@ -63,23 +63,6 @@ class GeneratePreferencesParams:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}" if self.max_new_tokens < 1
                              else f"batch_size must be at least 1, got {self.batch_size}")
-
-
-def read_prompts(paths: Sequence[Path]) -> list[dict]:
-    """Prompt records: the chat up to its last assistant turn, with provenance and a stable id."""
-    prompts = []
-    for path in paths:
-        for record in read_chat_records(path):
-            messages = record["messages"]
-            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-            metadata = dict(record.get("metadata") or {})
-            prompts.append({"prompt": messages[:last], "metadata": metadata, "where": record["where"]})
-    for prompt in prompts:
-        meta = prompt["metadata"]
-        if "conversation_id" not in meta or "utterance_id" not in meta:
-            raise StageError(f"{prompt['where']}: metadata needs conversation_id and utterance_id")
-        meta["prompt_id"] = f"{meta.get('source', 'data')}:{meta['utterance_id']}"
-    return prompts
 
 
 def draw_pools(prompts: list[dict], sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
@@ -109,32 +92,6 @@ def draw_pools(prompts: list[dict], sizes: dict[str, int], seed: int) -> dict[st
     return pools
 
 
-def sample_pairs(model, tokenizer, prompts: list[list[dict]], params: GeneratePreferencesParams, progress=None):
-    """Two sampled responses per prompt, and the number of tokens generated (up to each EOS).
-
-    On long prompts the prompt pass dominates, so each prompt is encoded once, without padding,
-    and its KV cache shared by both samples; batches hold prompts of similar length, so decoding
-    spends little attention on padding.
-    """
-    import torch
-
-    encoded = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)["input_ids"]
-    pairs, generated = [None] * len(prompts), 0
-    for indices, new in generate_batches(model, tokenizer, encoded, 2, params.max_new_tokens, params.batch_size,
-                                         do_sample=True, temperature=params.temperature, top_p=params.top_p):
-        # A sample ends at its first EOS (included); what follows is padding.
-        ended = new == tokenizer.eos_token_id
-        lengths_new = torch.where(ended.any(1), ended.int().argmax(1) + 1, new.shape[1])
-        generated += int(lengths_new.sum())
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        for j, i in enumerate(indices):
-            pairs[i] = (texts[2 * j].strip(), texts[2 * j + 1].strip())
-        if progress:
-            progress.update(len(indices))
-    return pairs, generated
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", default=DEFAULT_PARAMS)
@@ -158,16 +115,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     everything = [(pool, prompt) for pool in POOLS for prompt in pools[pool]]
     started = time.perf_counter()
     with tqdm(total=len(everything), desc="prompts", unit="prompt") as progress:
-        pairs, generated = sample_pairs(model, tokenizer, [p["prompt"] for _, p in everything], params, progress)
+        pairs, generated = sample_pairs(model, tokenizer, [p["prompt"] for _, p in everything], params.max_new_tokens,
+                                        params.batch_size, params.temperature, params.top_p, progress)
     elapsed = time.perf_counter() - started
 
     rows = {pool: [] for pool in POOLS}
     for (pool, prompt), (first, second) in zip(everything, pairs):
-        rows[pool].append({"prompt": prompt["prompt"], "response_1": first, "response_2": second,
-                           "metadata": {**prompt["metadata"], "pool": pool}})
+        rows[pool].append(PoolRecord(prompt=prompt["prompt"], response_1=first, response_2=second,
+                                     metadata={**prompt["metadata"], "pool": pool}))
     with atomic_dir(args.out) as tmp:
         for pool in POOLS:
-            write_jsonl(tmp / f"{pool}.jsonl", rows[pool])
+            write_pool(tmp / f"{pool}.jsonl", rows[pool])
     metrics = {
         **{f"{pool}_prompts": len(rows[pool]) for pool in POOLS},
         "generated_tokens": generated,

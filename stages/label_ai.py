@@ -22,15 +22,16 @@ A pair whose two scores differ by at most `tie_margin` is a tie (`is_equal`); DP
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import iter_jsonl, write_json, write_jsonl
+from stages.lib.io import write_json
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
 from stages.lib.policy import load_policy, require_policy_dir
+from stages.lib.records import LabelledPair, read_pool, write_labelled_pairs
 from stages.lib.reward import REWARD_CONFIG, load_reward_fn
 
 log = get_logger("label_ai")
@@ -42,11 +43,10 @@ REASONING_PREFIX = "Comparison:"
 
 @dataclass
 class LLMJudgeParams:
-    criterion: str = ("Which reply is more persuasive: more likely to change the other person's mind "
-                      "while staying respectful, honest and on topic?")
-    max_context_tokens: int = 512  # the conversation is cut from the start to fit; the replies are kept whole
-    swap: bool = True              # judge both orders and average (removes position bias, costs 2x)
-    reasoning_tokens: int = 0      # > 0: write a short comparison first (greedy) and keep it as `reasoning`
+    criterion: str
+    max_context_tokens: int  # the conversation is cut from the start to fit; the replies are kept whole
+    swap: bool               # judge both orders and average (removes position bias, costs 2x)
+    reasoning_tokens: int    # > 0: write a short comparison first (greedy) and keep it as `reasoning`
 
     def __post_init__(self):
         if self.max_context_tokens < 16:
@@ -57,10 +57,10 @@ class LLMJudgeParams:
 
 @dataclass
 class LabelAIParams:
-    judge: Literal["reward_model", "llm"] = "reward_model"
-    tie_margin: float = 0.0  # |score_1 - score_2| <= tie_margin marks a tie
-    batch_size: int = 8
-    llm: LLMJudgeParams = field(default_factory=LLMJudgeParams)
+    judge: Literal["reward_model", "llm"]
+    tie_margin: float  # |score_1 - score_2| <= tie_margin marks a tie
+    batch_size: int
+    llm: LLMJudgeParams
 
     def __post_init__(self):
         if self.tie_margin < 0:
@@ -69,21 +69,17 @@ class LabelAIParams:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
-def read_pool(path: Path) -> list[dict]:
-    rows = []
-    for line, record in iter_jsonl(path, required=("prompt", "response_1", "response_2", "metadata")):
-        where = f"{path}:{line}"
-        if not isinstance(record["prompt"], list) or not record["prompt"]:
-            raise StageError(f"{where}: 'prompt' must be a non-empty list of chat messages")
-        for key in ("response_1", "response_2"):
-            if not isinstance(record[key], str):
-                raise StageError(f"{where}: '{key}' must be a string")
-        if not isinstance(record["metadata"], dict) or "prompt_id" not in record["metadata"]:
-            raise StageError(f"{where}: metadata needs a prompt_id")
-        rows.append(record)
-    if not rows:
-        raise StageError(f"{path}: no pairs to label")
-    return rows
+def read_pools(paths: Sequence[Path]) -> dict[str, list[dict]]:
+    """Each pool's records under its file's name (the name of its output file)."""
+    names = [path.stem for path in paths]
+    if len(set(names)) != len(names):
+        raise StageError(f"--pools: two pool files share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}")
+    pools = {}
+    for name, path in zip(names, paths):
+        pools[name] = read_pool(path)
+        if not pools[name]:
+            raise StageError(f"{path}: no pairs to label")
+    return pools
 
 
 def reward_model_scores(reward_dir: Path, rows: list[dict], batch_size: int) -> list[tuple[float, float]]:
@@ -188,7 +184,7 @@ def labelled_pair(row: dict, scores: tuple[float, float], grader: str, tie_margi
                 "scores": [round(first, 6), round(second, 6)]}
     if reasoning:
         metadata["reasoning"] = reasoning
-    return {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "metadata": metadata}
+    return LabelledPair(prompt=row["prompt"], chosen=chosen, rejected=rejected, metadata=metadata)
 
 
 def pool_metrics(pairs: list[dict]) -> dict:
@@ -215,10 +211,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     params = load_section(args.params, "label_ai", LabelAIParams)
     log_config(log, "label_ai", params)
-    names = [path.stem for path in args.pools]
-    if len(set(names)) != len(names):
-        raise StageError(f"--pools: two pool files share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}")
-    pools = {name: read_pool(path) for name, path in zip(names, args.pools)}
+    pools = read_pools(args.pools)
     if params.judge == "reward_model":
         if not (args.reward_model / REWARD_CONFIG).is_file():
             raise StageError(f"--reward-model: '{args.reward_model}' is not a reward model directory (no {REWARD_CONFIG})")
@@ -246,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # Everything is judged before anything is written; each file appears whole.
     args.out.mkdir(parents=True, exist_ok=True)
     for name, pairs in labelled.items():
-        write_jsonl(args.out / f"{name}.jsonl", pairs)
+        write_labelled_pairs(args.out / f"{name}.jsonl", pairs)
     write_json(args.metrics, metrics)
     return metrics
 

@@ -27,59 +27,21 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import iter_jsonl, write_json, write_jsonl
+from stages.lib.io import write_json
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
+from stages.lib.records import LabelledPair, read_labels, read_pool, write_labelled_pairs
 
 log = get_logger("label_human")
-
-PREFERENCES = ("1", "2", "tie")
-LABEL_FIELDS = ("prompt_id", "preference", "response_1", "response_2", "labeller")
-POOL_FIELDS = ("prompt", "response_1", "response_2", "metadata")
 
 
 @dataclass
 class LabelHumanParams:
-    min_labels: int = 1  # fewer labels than this stops the stage: a half-labelled pool is not silently trained on
+    min_labels: int  # fewer labels than this stops the stage: a half-labelled pool is not silently trained on
 
     def __post_init__(self):
         if self.min_labels < 1:
             raise ValueError(f"min_labels must be at least 1, got {self.min_labels}")
-
-
-def read_pool(path: Path) -> list[dict]:
-    """Pool records in file order; every one needs a unique `metadata.prompt_id`."""
-    pool, seen = [], {}
-    for line, record in iter_jsonl(path, required=POOL_FIELDS):
-        metadata = record["metadata"]
-        prompt_id = metadata.get("prompt_id") if isinstance(metadata, dict) else None
-        if not isinstance(prompt_id, str) or not prompt_id:
-            raise StageError(f"{path}:{line}: record has no metadata.prompt_id")
-        for key in ("response_1", "response_2"):
-            if not isinstance(record[key], str):
-                raise StageError(f"{path}:{line}: '{key}' must be a string")
-        if prompt_id in seen:
-            raise StageError(f"{path}:{line}: duplicate prompt_id '{prompt_id}' (first at line {seen[prompt_id]})")
-        seen[prompt_id] = line
-        pool.append(record)
-    return pool
-
-
-def read_labels(path: Path) -> list[tuple[int, dict]]:
-    """`(line, label)` in file order: well-formed labels, at most one per prompt_id."""
-    labels, seen = [], {}
-    for line, label in iter_jsonl(path, required=LABEL_FIELDS):
-        for key in ("prompt_id", "response_1", "response_2", "labeller"):
-            if not isinstance(label[key], str):
-                raise StageError(f"{path}:{line}: '{key}' must be a string, got {label[key]!r}")
-        if label["preference"] not in PREFERENCES:
-            raise StageError(f"{path}:{line}: preference must be \"1\", \"2\" or \"tie\", got {label['preference']!r}")
-        prompt_id = label["prompt_id"]
-        if prompt_id in seen:
-            raise StageError(f"{path}:{line}: duplicate label for prompt_id '{prompt_id}' (first at line {seen[prompt_id]})")
-        seen[prompt_id] = line
-        labels.append((line, label))
-    return labels
 
 
 def labelled_pair(record: dict, label: dict) -> dict:
@@ -88,7 +50,7 @@ def labelled_pair(record: dict, label: dict) -> dict:
     chosen, rejected = (second, first) if preference == "2" else (first, second)
     metadata = {**record["metadata"], "grader": "human", "preference": "2" if preference == "2" else "1",
                 "is_equal": preference == "tie", "labeller": label["labeller"]}
-    return {"prompt": record["prompt"], "chosen": chosen, "rejected": rejected, "metadata": metadata}
+    return LabelledPair(prompt=record["prompt"], chosen=chosen, rejected=rejected, metadata=metadata)
 
 
 def label_pool(pool_path: Path, labels_path: Path, min_labels: int, key: str) -> tuple[list[dict], dict]:
@@ -155,9 +117,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     eval_pairs = None
     if given:
         eval_pairs, metrics["eval"] = label_pool(args.eval_pool, args.eval_labels, 1, "--eval-labels")
-    write_jsonl(args.out, pairs)
+    write_labelled_pairs(args.out, pairs)
     if eval_pairs is not None:
-        write_jsonl(args.eval_out, eval_pairs)
+        write_labelled_pairs(args.eval_out, eval_pairs)
     write_json(args.metrics, metrics)
     log.info("%d of %d prompts labelled (%d ties, %d on earlier samples)", len(pairs), metrics["pool_prompts"],
              metrics["ties"], metrics["labels_on_earlier_samples"])

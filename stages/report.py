@@ -12,14 +12,13 @@ Out: reports/summary.md    one table per task with every model that ran it, the 
 """
 
 import argparse
-import csv
-import json
 from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
 from stages.lib.io import atomic_dir, read_json
 from stages.lib.log import get_logger
+from stages.lib.records import read_rewards, rewards_path
 
 log = get_logger("report")
 
@@ -71,13 +70,6 @@ def task_table(evals: list[dict], task: str) -> list[str]:
     return lines + [""]
 
 
-def read_rewards(path: Path) -> list[float]:
-    if not path.is_file():
-        return []
-    with path.open(newline="", encoding="utf-8") as handle:
-        return [float(row["reward"]) for row in csv.DictReader(handle, delimiter="\t")]
-
-
 def plot(out: Path, evals: list[dict], samples: Path) -> list[str]:
     import matplotlib
 
@@ -105,9 +97,9 @@ def plot(out: Path, evals: list[dict], samples: Path) -> list[str]:
         fig.savefig(out / "win_rate.png", dpi=80)
         plt.close(fig)
         images.append("win_rate.png")
-    series = [(f"{e['model']} (persuasion)", read_rewards(samples / e["model"] / "persuasion_rewards.tsv"))
+    series = [(f"{e['model']} (persuasion)", read_rewards(rewards_path(samples / e["model"], "persuasion")))
               for e in persuasion]
-    series += [(f"{e['model']} (style)", read_rewards(samples / e["model"] / "style_rewards.tsv"))
+    series += [(f"{e['model']} (style)", read_rewards(rewards_path(samples / e["model"], "style")))
                for e in evals if isinstance(e.get("style"), dict)]
     series = [(name, values) for name, values in series if values]
     if series:

@@ -4,12 +4,13 @@ In:  a labelled style dataset: a directory with train / validation / test splits
      (`.jsonl` or `.csv`, columns `id`, `texts`, `label`; 1 = target style, 0 = neutral);
      params `reward_model` (`base`: `embedded` MiniLM encoder, `policy` = models/base, or a model dir;
      `objective`: `classification`, or `pairwise` Bradley-Terry training with trl's RewardTrainer)
-Out: models/reward/             sequence classifier + tokenizer + reward.json (how to score)
-     metrics/reward_model.json  held-out (test split) accuracy, F1, ROC-AUC
-     plots/reward_model/        ROC curve, per-class score histograms, DVCLive training curves
+Out: models/reward/             sequence classifier + tokenizer + reward.json (how to score) + README.md card
+     metrics/reward_model.json  held-out (test split) accuracy, F1, ROC-AUC (scikit-learn)
+     plots/reward_model/        DVCLive: training curves, held-out ROC (plots/sklearn/roc.json),
+                                per-class score histograms (plots/images/scores.png)
 
     python -m stages.reward_model --data data/raw/style --policy models/base \
-        --out models/reward --metrics metrics/reward_model.json
+        --out models/reward --metrics metrics/reward_model.json --plots plots/reward_model
 
 Later stages score texts with `stages.lib.reward.load_reward_fn(models/reward)`. PPO feeds the
 policy's token ids to the reward model, so it needs `base: policy` (the same tokenizer).
@@ -19,50 +20,36 @@ import argparse
 import csv
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import atomic_dir, atomic_file, iter_jsonl, write_json
-from stages.lib.log import get_logger, log_config
+from stages.lib.io import iter_jsonl, write_json
+from stages.lib.log import config_dict, get_logger, log_config
 from stages.lib.models import require_model_dir
-from stages.lib.params import DEFAULT_PARAMS, build, load_section
-from stages.lib.reward import REWARD_CONFIG, load_reward_fn
+from stages.lib.params import DEFAULT_PARAMS, load_section
+from stages.lib.reward import REWARD_CONFIG, score_texts
+from stages.lib.training import live_callbacks, model_card, refuse_stage_fields, save_trained, trainer_config
 
 log = get_logger("reward_model")
 
 SPLITS = ("train", "validation", "test")
-TRAINER_DEFAULTS = {
-    "learning_rate": 5e-5,
-    "num_train_epochs": 3,
-    "per_device_train_batch_size": 16,
-    "per_device_eval_batch_size": 64,
-    "lr_scheduler_type": "linear",
-    "warmup_steps": 0.1,
-    "logging_steps": 5,
-    "eval_strategy": "epoch",
-    "save_strategy": "no",
-    "seed": 42,
-}
-MANAGED = {"output_dir", "report_to", "use_cpu", "bf16", "fp16", "push_to_hub"}
 
 
 @dataclass
 class RewardModelParams:
-    base: str = "embedded"  # embedded (MiniLM encoder) | policy (models/base) | a model directory
-    objective: Literal["classification", "pairwise"] = "classification"
-    max_length: int = 128
-    pairs_per_example: int = 1  # pairwise on labelled texts: (styled, neutral) pairs drawn per styled text
-    seed: int = 42
-    trainer: dict[str, Any] = field(default_factory=dict)  # transformers TrainingArguments / trl RewardConfig fields
+    base: str  # embedded (MiniLM encoder) | policy (models/base) | a model directory
+    objective: Literal["classification", "pairwise"]
+    max_length: int
+    pairs_per_example: int  # pairwise on labelled texts: (styled, neutral) pairs drawn per styled text
+    seed: int
+    trainer: dict[str, Any]  # transformers TrainingArguments / trl RewardConfig fields
 
     def __post_init__(self):
-        managed = sorted(MANAGED & set(self.trainer))
-        if managed:
-            raise ValueError(f"trainer {managed[0]} is set by the stage, not in params")
+        refuse_stage_fields(self.trainer, also={"max_length"})
         if self.max_length < 8:
             raise ValueError(f"max_length must be at least 8, got {self.max_length}")
         if self.pairs_per_example < 1:
@@ -129,44 +116,23 @@ def preference_pairs(rows: list[dict], per_example: int, seed: int) -> list[dict
     return [{"chosen": text, "rejected": rng.choice(neutral)} for text in styled for _ in range(per_example)]
 
 
-def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(-scores, kind="stable")
-    scores, labels = scores[order], labels[order]
-    distinct = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
-    tps = np.cumsum(labels)[distinct]
-    fps = (1 + distinct) - tps
-    return np.r_[0, fps / max(fps[-1], 1)], np.r_[0, tps / max(tps[-1], 1)]
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Probability that a random styled text outscores a random neutral one (ties count half)."""
-    positives, negatives = scores[labels == 1], scores[labels == 0]
-    greater = (positives[:, None] > negatives[None, :]).sum()
-    ties = (positives[:, None] == negatives[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(positives) * len(negatives)))
-
-
 def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    from sklearn import metrics
+
     predicted = (scores > threshold).astype(int)
-    tp = int(((predicted == 1) & (labels == 1)).sum())
-    precision = tp / max(predicted.sum(), 1)
-    recall = tp / max(labels.sum(), 1)
     return {
-        "accuracy": round(float((predicted == labels).mean()), 4),
-        "f1": round(2 * precision * recall / max(precision + recall, 1e-12), 4),
-        "roc_auc": round(roc_auc(scores, labels), 4),
-        "precision": round(precision, 4),
-        "recall": round(recall, 4),
+        "accuracy": round(float(metrics.accuracy_score(labels, predicted)), 4),
+        "f1": round(float(metrics.f1_score(labels, predicted, zero_division=0)), 4),
+        "roc_auc": round(float(metrics.roc_auc_score(labels, scores)), 4),
+        "precision": round(float(metrics.precision_score(labels, predicted, zero_division=0)), 4),
+        "recall": round(float(metrics.recall_score(labels, predicted, zero_division=0)), 4),
     }
 
 
-def train(params: RewardModelParams, base_dir: Path, train_rows, eval_rows, work: Path, plots: Path):
+def train(params: RewardModelParams, base_dir: Path, train_rows, eval_rows, work: Path, callbacks: list):
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.integrations import DVCLiveCallback
-
-    from stages.lib.live import open_live
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     if tokenizer.pad_token is None:
@@ -175,10 +141,6 @@ def train(params: RewardModelParams, base_dir: Path, train_rows, eval_rows, work
     model = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=num_labels,
                                                                dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
-    values = {**TRAINER_DEFAULTS, **params.trainer, "output_dir": str(work), "report_to": "none",
-              "use_cpu": not torch.cuda.is_available()}
-    shutil.rmtree(plots, ignore_errors=True)
-    callbacks = [DVCLiveCallback(live=open_live("reward_model", root=plots.parent))]
     if params.objective == "classification":
         from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -186,33 +148,33 @@ def train(params: RewardModelParams, base_dir: Path, train_rows, eval_rows, work
             encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=params.max_length)
             return Dataset.from_dict({**encoded, "labels": [r["label"] for r in rows]})
 
-        trainer = Trainer(model=model, args=build(TrainingArguments, values, "reward_model.trainer"),
-                          train_dataset=encode(train_rows), eval_dataset=encode(eval_rows),
+        config = trainer_config(TrainingArguments, params.trainer, "reward_model.trainer", work, "fp32")
+        trainer = Trainer(model=model, args=config, train_dataset=encode(train_rows), eval_dataset=encode(eval_rows),
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                           callbacks=callbacks)
     else:
         from trl import RewardConfig, RewardTrainer
 
-        values.setdefault("max_length", params.max_length)
-        config = build(RewardConfig, values, "reward_model.trainer")
+        config = trainer_config(RewardConfig, params.trainer, "reward_model.trainer", work, "fp32",
+                                max_length=params.max_length)
         trainer = RewardTrainer(
             model=model, args=config, processing_class=tokenizer, callbacks=callbacks,
             train_dataset=Dataset.from_list(preference_pairs(train_rows, params.pairs_per_example, params.seed)),
             eval_dataset=Dataset.from_list(preference_pairs(eval_rows, 1, params.seed)))
     trainer.train()
-    return trainer.model, tokenizer
+    return trainer.model.eval(), tokenizer
 
 
-def plot_scores(out: Path, scores: np.ndarray, labels: np.ndarray, fpr, tpr) -> None:
+def plot_scores(live, scores: np.ndarray, labels: np.ndarray) -> None:
+    """The held-out ROC curve (DVCLive's sklearn plot) and the per-class score histograms (an image)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
 
-    with atomic_file(out / "roc.tsv") as handle:
-        handle.write("fpr\ttpr\n" + "".join(f"{f:.6f}\t{t:.6f}\n" for f, t in zip(fpr, tpr)))
-    with atomic_file(out / "scores.tsv") as handle:
-        handle.write("label\tscore\n" + "".join(f"{l}\t{s:.6f}\n" for l, s in zip(labels, scores)))
+    live.log_sklearn_plot("roc", labels, scores, name="roc", title="ROC on held-out texts")
+    fpr, tpr, _ = roc_curve(labels, scores)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(fpr, tpr, color="#C44E52")
     left.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
@@ -223,8 +185,7 @@ def plot_scores(out: Path, scores: np.ndarray, labels: np.ndarray, fpr, tpr) -> 
     right.set(title="Reward scores by class", xlabel="reward", ylabel="texts")
     right.legend()
     fig.tight_layout()
-    with atomic_file(out / "scores.png", "wb") as handle:
-        fig.savefig(handle, format="png", dpi=80)
+    live.log_image("scores.png", fig)
     plt.close(fig)
 
 
@@ -235,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--policy", type=Path, default=Path("models/base"), help="the policy's base model")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--metrics", required=True, type=Path)
-    parser.add_argument("--plots", type=Path, default=Path("plots/reward_model"))
+    parser.add_argument("--plots", required=True, type=Path, help="this run's DVCLive directory")
     args = parser.parse_args(argv)
 
     params = load_section(args.params, "reward_model", RewardModelParams)
@@ -250,40 +211,47 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from transformers import set_seed
 
     set_seed(params.seed)
-    with atomic_dir(args.out) as tmp:
-        model, tokenizer = train(params, base_dir, splits["train"], splits["validation"], tmp / "_work", args.plots)
-        shutil.rmtree(tmp / "_work", ignore_errors=True)
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        append_eos = params.objective == "pairwise" and tokenizer.eos_token is not None
-        write_json(tmp / REWARD_CONFIG, {"objective": params.objective, "max_length": params.max_length,
-                                         "append_eos_token": append_eos, "base": str(base_dir)})
-        score = load_reward_fn(tmp)
-        test = splits["test"]
-        scores = np.array(score([r["text"] for r in test]))
-        labels = np.array([r["label"] for r in test])
-        validation_scores = np.array(score([r["text"] for r in splits["validation"]]))
-        validation_labels = np.array([r["label"] for r in splits["validation"]])
-
-    # Threshold halfway between the class means on validation: pairwise rewards have no natural zero.
-    threshold = 0.0 if params.objective == "classification" else float(
-        (validation_scores[validation_labels == 1].mean() + validation_scores[validation_labels == 0].mean()) / 2)
-    fpr, tpr = roc_curve(scores, labels)
-    metrics = {
-        **classification_metrics(scores, labels, threshold),
-        "threshold": round(threshold, 4),
-        "validation_roc_auc": round(roc_auc(validation_scores, validation_labels), 4),
-        "mean_reward_target_style": round(float(scores[labels == 1].mean()), 4),
-        "mean_reward_neutral": round(float(scores[labels == 0].mean()), 4),
-        "train_examples": len(splits["train"]),
-        "test_examples": len(test),
-        "objective": params.objective,
-        "base": params.base,
-    }
-    plot_scores(args.plots, scores, labels, fpr, tpr)
+    callbacks = live_callbacks(args.plots)
+    work = args.out.with_name(args.out.name + ".work")
+    model, tokenizer = train(params, base_dir, splits["train"], splits["validation"], work, callbacks)
+    reward = {"objective": params.objective, "max_length": params.max_length,
+              "append_eos_token": params.objective == "pairwise" and tokenizer.eos_token is not None,
+              "base": str(base_dir)}
+    shutil.rmtree(work, ignore_errors=True)
+    scores = {split: np.array(score_texts(model, tokenizer, [r["text"] for r in splits[split]], reward))
+              for split in ("validation", "test")}
+    labels = {split: np.array([r["label"] for r in splits[split]]) for split in ("validation", "test")}
+    metrics = reward_metrics(params, scores, labels, splits)
+    card = model_card("Reward model", [f"Base: `{base_dir}` ({params.base}); objective: {params.objective}"],
+                      {f"Style texts ({split})": split_file(args.data, split) for split in SPLITS}, metrics,
+                      config_dict(params),
+                      "Score texts with `stages.lib.reward.load_reward_fn(dir)`.")
+    save_trained(args.out, model, tokenizer, card, extra=lambda out: write_json(out / REWARD_CONFIG, reward))
+    plot_scores(callbacks[0].live, scores["test"], labels["test"])
     write_json(args.metrics, metrics)
     log.info("held-out accuracy %.3f, F1 %.3f, ROC-AUC %.3f", metrics["accuracy"], metrics["f1"], metrics["roc_auc"])
     return metrics
+
+
+def reward_metrics(params: RewardModelParams, scores: dict, labels: dict, splits: dict) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    # Threshold halfway between the class means on validation: pairwise rewards have no natural zero.
+    valid, valid_labels = scores["validation"], labels["validation"]
+    threshold = 0.0 if params.objective == "classification" else float(
+        (valid[valid_labels == 1].mean() + valid[valid_labels == 0].mean()) / 2)
+    test, test_labels = scores["test"], labels["test"]
+    return {
+        **classification_metrics(test, test_labels, threshold),
+        "threshold": round(threshold, 4),
+        "validation_roc_auc": round(float(roc_auc_score(valid_labels, valid)), 4),
+        "mean_reward_target_style": round(float(test[test_labels == 1].mean()), 4),
+        "mean_reward_neutral": round(float(test[test_labels == 0].mean()), 4),
+        "train_examples": len(splits["train"]),
+        "test_examples": len(splits["test"]),
+        "objective": params.objective,
+        "base": params.base,
+    }
 
 
 if __name__ == "__main__":

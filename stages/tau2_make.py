@@ -29,6 +29,7 @@ from stages.lib import StageError, run_stage
 from stages.lib.io import read_json, require_path, write_json
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
+from stages.lib.tools import read_tools
 
 log = get_logger("tau2_make")
 
@@ -36,21 +37,12 @@ POLICY_PLACEHOLDER = "{policy}"
 SPLITS = ("train", "test")
 REQUIRED_SIMULATION_KEYS = ("id", "task_id", "reward_info", "messages")
 
-# tau2's own LLM agent prompt (tau2.agent.llm_agent), with the policy in place of {policy}.
-AGENT_SYSTEM_PROMPT = """You are the support agent for this domain. Help the customer by following the policy below.
-Each of your turns is either one message to the customer or one or more tool calls, never both.
-Act only on what the policy allows and answer tool calls with valid JSON arguments.
-
-# Policy
-
-{policy}"""
-
 
 @dataclass
 class Tau2MakeParams:
-    success_only: bool = True  # keep only simulations with reward == 1.0
-    skip_unsplit: bool = False  # drop (and count) simulations whose task is in neither train nor test
-    system_prompt_template: str = AGENT_SYSTEM_PROMPT  # `{policy}` is replaced by the domain policy
+    success_only: bool  # keep only simulations with reward == 1.0
+    skip_unsplit: bool  # drop (and count) simulations whose task is in neither train nor test
+    system_prompt_template: str  # `{policy}` is replaced by the domain policy
 
     def __post_init__(self):
         if self.system_prompt_template.count(POLICY_PLACEHOLDER) != 1:
@@ -72,26 +64,6 @@ def results_files(paths: Sequence[Path]) -> list[Path]:
         twice = next(f for f in files if files.count(f) > 1)
         raise StageError(f"{twice}: results file given twice")
     return files
-
-
-def read_tools(path: Path) -> tuple[list[dict], set[str]]:
-    tools = read_json(path)
-    if not isinstance(tools, list) or not tools:
-        raise StageError(f"{path}: expected a non-empty JSON list of OpenAI function schemas")
-    names = set()
-    for index, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or tool.get("type") != "function":
-            raise StageError(f"{path}: tools[{index}]: expected {{\"type\": \"function\", \"function\": {{...}}}}")
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise StageError(f"{path}: tools[{index}]: missing function.name")
-        if not isinstance(function.get("parameters", {}), dict):
-            raise StageError(f"{path}: tools[{index}] ({name}): function.parameters must be a JSON schema object")
-        if name in names:
-            raise StageError(f"{path}: tools[{index}]: duplicate tool name {name!r}")
-        names.add(name)
-    return tools, names
 
 
 def read_splits(path: Path) -> dict[str, str]:

@@ -13,9 +13,6 @@ Out: --out      a directory with train.jsonl and test.jsonl, one line per exampl
 
     python -m stages.tau2_to_openai --input data/agent/tau2.json --out data/agent/openai \
         --metrics metrics/tau2_to_openai.json
-
-`load_openai_dataset(path)` loads such a JSONL as a `datasets.Dataset` that keeps each line exactly
-(messages as lists of dicts; tools and metadata as JSON text, which trl decodes).
 """
 
 import argparse
@@ -26,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import atomic_dir, iter_jsonl, read_json, write_json, write_jsonl
+from stages.lib.io import atomic_dir, read_json, write_json, write_jsonl
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
 
@@ -34,13 +31,12 @@ log = get_logger("tau2_to_openai")
 
 SPLITS = ("train", "test")
 PAYLOAD_KEYS = ("messages", "tools")
-RECORD_KEYS = ("messages", "tools", "parallel_tool_calls", "metadata")  # as openai_record writes them
 
 
 @dataclass
 class Tau2ToOpenAIParams:
     # Written into every record; false refuses data whose assistant turns call several tools at once.
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool
 
 
 def openai_message(message: dict, where: str) -> dict:
@@ -107,49 +103,6 @@ def read_splits(path: Path) -> dict[str, list]:
         if not isinstance(splits.get(split), list):
             raise StageError(f"{path}: splits.{split} must be a list of examples")
     return {split: splits[split] for split in SPLITS}
-
-
-def load_openai_dataset(path: str | Path):
-    """Load a JSONL written by this stage as a `datasets.Dataset` that keeps every line exactly.
-
-    Plain `load_dataset("json")` lets Arrow merge the structs of all rows: message keys and tool
-    parameter schemas that differ between rows come back as the union of keys filled with None.
-    Here each message is one JSON value (datasets' `Json` feature), so `messages` comes back as
-    the list of dicts that was written, as trl and `apply_chat_template` expect. `tools` and
-    `metadata` (and any other key) are kept as JSON text: datasets' JSON decoder rounds some
-    floats, Python's `json.loads` does not, and trl's SFTTrainer decodes a `tools` string itself.
-    So `row["messages"] == record["messages"]` and `json.loads(row["tools"]) == record["tools"]`.
-    """
-    from datasets import Dataset, Features, Json, List, Value
-
-    records = list(iter_jsonl(path, required=["messages"]))
-    # An empty split (no test tasks succeeded) loads as an empty dataset with this stage's columns.
-    first_line, first = records[0] if records else (0, dict.fromkeys(RECORD_KEYS))
-    for line, record in records:
-        if set(record) != set(first):
-            raise StageError(f"{path}:{line}: keys {sorted(record)} differ from line {first_line}'s {sorted(first)}")
-        if not isinstance(record["messages"], list):
-            raise StageError(f"{path}:{line}: 'messages' must be a list")
-        if "parallel_tool_calls" in record and not isinstance(record["parallel_tool_calls"], bool):
-            raise StageError(f"{path}:{line}: 'parallel_tool_calls' must be true or false")
-
-    def column(key):
-        values = [record[key] for _, record in records]
-        if key == "messages":
-            # Encoded here: datasets' own encoder would round floats and keep a JSON-looking string as JSON.
-            return List(Json()), [[json.dumps(m, ensure_ascii=False) for m in value] for value in values]
-        if key == "parallel_tool_calls":
-            return Value("bool"), values
-        return Value("string"), [json.dumps(value, ensure_ascii=False) for value in values]
-
-    columns = {key: column(key) for key in first}
-    dataset = Dataset.from_dict({key: data for key, (_, data) in columns.items()},
-                                features=Features({key: feature for key, (feature, _) in columns.items()}))
-    for (line, record), messages in zip(records, dataset["messages"]):
-        if messages != record["messages"]:
-            raise StageError(f"{path}:{line}: messages do not survive Arrow storage unchanged "
-                             f"(a number beyond the JSON decoder's precision?)")
-    return dataset
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -2,14 +2,15 @@
 import pytest
 
 from stages.lib import StageError
-from stages.lib.io import atomic_dir, atomic_file, read_json, read_jsonl, write_jsonl
+from stages.lib.io import atomic_dir, atomic_file, iter_jsonl, read_json, write_jsonl
+
 
 
 def test_jsonl_roundtrip_keeps_order_and_unicode(tmp_path):
     records = [{"b": 1, "a": "café"}, {"text": "line\nbreak"}]
     path = tmp_path / "out" / "x.jsonl"
     assert write_jsonl(path, records) == 2
-    assert read_jsonl(path) == records
+    assert list(iter_jsonl(path)) == [(1, records[0]), (2, records[1])]
     assert path.read_text(encoding="utf-8").splitlines()[0] == '{"b": 1, "a": "café"}'
 
 
@@ -17,17 +18,17 @@ def test_malformed_line_is_reported_with_file_and_line(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"a": 1}\n\n{"a": 2,}\n')
     with pytest.raises(StageError, match=r"data\.jsonl:3: malformed JSON"):
-        read_jsonl(path)
+        list(iter_jsonl(path))
 
 
 def test_non_object_and_missing_field_are_reported(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"a": 1}\n[1, 2]\n')
     with pytest.raises(StageError, match=r"data\.jsonl:2: expected a JSON object, got list"):
-        read_jsonl(path)
+        list(iter_jsonl(path))
     path.write_text('{"a": 1, "b": 2}\n{"a": 1}\n')
     with pytest.raises(StageError, match=r"data\.jsonl:2: record missing required field 'b'"):
-        read_jsonl(path, required=["a", "b"])
+        list(iter_jsonl(path, required=["a", "b"]))
 
 
 def test_read_json_reports_line(tmp_path):
@@ -88,4 +89,4 @@ def test_invalid_utf8_is_reported_with_line(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b'{"a": "ok"}\n{"a": "caf\xe9"}\n')
     with pytest.raises(StageError, match=r"data\.jsonl:2: not valid UTF-8"):
-        read_jsonl(path)
+        list(iter_jsonl(path))

@@ -1,10 +1,11 @@
 import json
+from pathlib import Path
 
 from stages.lib.live import open_live
 
 
 def test_each_stage_gets_its_own_live_directory(workdir):
-    live = open_live("sft", "persona")
+    live = open_live(Path("plots/sft/persona"))
     for step, loss in enumerate([2.0, 1.5, 1.2]):
         live.log_metric("train/loss", loss)
         live.next_step()

@@ -5,7 +5,7 @@ import pytest
 
 from stages import tau2_make
 from stages.lib import StageError
-from tests.conftest import REPO_ROOT, write_params
+from tests.conftest import REPO_ROOT, params_file, project_params
 
 SAMPLE = REPO_ROOT / "data" / "raw" / "tau2" / "telecom"
 POLICY = "# Telecom policy\n\nVerify the customer before any change. Précisément.\n"
@@ -107,7 +107,7 @@ def write_inputs(root: Path) -> dict:
 
 
 def run_make(root: Path, inputs: dict, out_name="tau2.json", **section) -> dict:
-    params = write_params(root / "params.yaml", {"tau2_make": section})
+    params = params_file(root / "params.yaml", {"tau2_make": section})
     return tau2_make.main(["--params", str(params), "--results", *map(str, inputs["results"]),
                            "--split-tasks", str(inputs["split_tasks"]), "--tools", str(inputs["tools"]),
                            "--out", str(root / out_name), "--metrics", str(root / "metrics.json")])
@@ -124,7 +124,7 @@ def test_agent_history_keeps_agent_turns_and_user_text_only(tmp_path):
         "simulation_id": "s1", "task_id": "t1", "trial": 0, "reward": 1.0, "domain": "telecom",
         "source": (tmp_path / "results" / "a_run.json").as_posix()}
     assert example["tools"] == TOOLS
-    system = tau2_make.AGENT_SYSTEM_PROMPT.replace("{policy}", POLICY.strip())
+    system = project_params()["tau2_make"]["system_prompt_template"].replace("{policy}", POLICY.strip())
     assert example["messages"] == [
         {"role": "system", "content": system},
         {"role": "assistant", "content": "Hi! How can I help you today?", "tool_calls": None},
@@ -352,6 +352,10 @@ BAD_INPUTS = [
     ("tools entry missing function.name",
      write_text("tools.json", json.dumps([TOOLS[0], {"type": "function", "function": {"description": "x"}}])),
      {}, r"^.*tools\.json: tools\[1\]: missing function\.name$"),
+    ("tools parameters not a JSON schema",
+     write_text("tools.json", json.dumps([{"type": "function", "function": {
+         "name": "lookup", "parameters": {"type": "object", "properties": {"id": {"type": "text"}}}}}])),
+     {}, r"^.*tools\.json: tools\[0\] \(lookup\): function\.parameters is not a valid JSON schema: "),
     ("tools not a list",
      write_text("tools.json", json.dumps({"tools": TOOLS})),
      {}, r"^.*tools\.json: expected a non-empty JSON list of OpenAI function schemas$"),
@@ -364,6 +368,9 @@ BAD_INPUTS = [
     ("bad param type",
      lambda root, inputs: None,
      {"success_only": "yes"}, r"^tau2_make\.success_only: expected true or false, got a string 'yes'$"),
+    ("param missing",
+     lambda root, inputs: None,
+     {"success_only!": None}, r"^tau2_make\.success_only: missing required key$"),
     ("unknown param",
      lambda root, inputs: None,
      {"skip_unsplitted": True}, r"^tau2_make\.skip_unsplitted: unknown key \(did you mean 'skip_unsplit'\?\)$"),

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import parse_qs, urlsplit
 
-from stages.label_human import PREFERENCES, read_labels, read_pool
 from stages.lib import StageError, run_stage
-from stages.lib.io import write_jsonl
 from stages.lib.log import get_logger
+from stages.lib.records import PREFERENCES, LabelRecord, read_labels, read_pool, write_labels
 
 log = get_logger("label_server")
 
@@ -90,12 +89,12 @@ class LabelStore:
     def set_label(self, prompt_id: str, preference: str) -> dict:
         record = self.pool[self.index_of[prompt_id]]
         with self.lock:
-            labels = {**self.labels, prompt_id: {"prompt_id": prompt_id, "preference": preference,
-                                                 "response_1": record["response_1"],
-                                                 "response_2": record["response_2"], "labeller": self.labeller}}
+            labels = {**self.labels, prompt_id: LabelRecord(prompt_id=prompt_id, preference=preference,
+                                                            response_1=record["response_1"],
+                                                            response_2=record["response_2"], labeller=self.labeller)}
             in_pool = [labels[p] for p in self.prompt_ids if p in labels]
             elsewhere = [label for p, label in labels.items() if p not in self.index_of]
-            write_jsonl(self.labels_path, in_pool + elsewhere)
+            write_labels(self.labels_path, in_pool + elsewhere)
             self.labels = labels  # only once the file holds it, so the page never shows an unsaved label
             labelled = self.labelled()
             next_index = self.next_unlabelled(self.index_of[prompt_id])

@@ -1,4 +1,4 @@
-"""Chat templates and chat records shared by the stages that render conversations.
+"""Chat templates, and chat records rendered, tokenized or made a dataset, for the stages that train on chats.
 
 The base model's own template is used where it can do the job; the project's ChatML
 training template (`templates/chatml.jinja`) where it cannot: the embedded SmolLM2
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib.errors import StageError
+from stages.lib.records import read_chat_records  # noqa: F401  (the stages that train on chats read them here)
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 CHATML_TEMPLATE = (TEMPLATES_DIR / "chatml.jinja").read_text(encoding="utf-8")
-ROLES = ("system", "user", "assistant", "tool")
 
 
 def has_generation_markers(template: str | None) -> bool:
@@ -53,34 +53,6 @@ def resolve_chat_template(tokenizer, choice: str, *, needs_assistant_mask: bool,
     if needs_assistant_mask and not has_generation_markers(template):
         raise StageError(f"{key}: {path} cannot mark assistant tokens (no {{% generation %}} markers)")
     return template
-
-
-def check_messages(messages, where: str) -> None:
-    """A chat record's `messages`: a non-empty list of {role, content} objects."""
-    if not isinstance(messages, list) or not messages:
-        raise StageError(f"{where}: 'messages' must be a non-empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise StageError(f"{where}: messages[{i}] must be an object with a role in {', '.join(ROLES)}")
-        content = message.get("content")
-        if content is not None and not isinstance(content, str):
-            raise StageError(f"{where}: messages[{i}].content must be a string or null")
-
-
-def read_chat_records(path: Path) -> list[dict]:
-    """Chat records `{"messages", "tools"?}` from a JSONL file, each checked and named by `file:line`."""
-    from stages.lib.io import iter_jsonl
-
-    records = []
-    for number, record in iter_jsonl(path, required=["messages"]):
-        where = f"{path}:{number}"
-        check_messages(record["messages"], where)
-        tools = record.get("tools")
-        if tools is not None and not isinstance(tools, list):
-            raise StageError(f"{where}: 'tools' must be a list of function schemas")
-        records.append({"messages": record["messages"], "tools": tools or None, "metadata": record.get("metadata"),
-                        "where": where})
-    return records
 
 
 def chat_dataset(records: list[dict]):

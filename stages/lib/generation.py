@@ -1,12 +1,18 @@
-"""Batched sampling for long prompts on any device, CPU included.
+"""Sampling from a policy: response pairs for long chat prompts, replies to short starters, their log-probabilities.
 
-Prompts of similar length share a batch. Each prompt is encoded once, on its own (no compute
-on padding, no logits), into a preallocated KV cache, left-padded to the longest prompt of its
-batch, that all of its samples decode from: the cache is written in place instead of being
-copied whole at every step.
+Long prompts (`generate_batches`, `sample_pairs`): prompts of similar length share a batch. Each
+prompt is encoded once, on its own (no compute on padding, no logits), into a preallocated KV
+cache, left-padded to the longest prompt of its batch, that all of its samples decode from: the
+cache is written in place instead of being copied whole at every step.
+
+Starters (`sample_replies`, `reply_logprobs`): one user turn each, short enough that one padded
+`generate` call serves them all; the replies keep their token ids, so their log-probabilities
+can be read under any model.
 """
 
-from typing import Iterator
+import copy
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
 
 
 def prompt_cache(model, prompts: list[list[int]], repeats: int, capacity: int):
@@ -64,3 +70,92 @@ def generate_batches(model, tokenizer, prompts: list[list[int]], repeats: int, m
                                     attention_mask=mask.repeat_interleave(repeats, 0), past_key_values=cache,
                                     max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
         yield indices, output[:, width:]
+
+
+def sample_pairs(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+                 temperature: float, top_p: float, progress=None) -> tuple[list[tuple[str, str]], int]:
+    """Two sampled responses per chat prompt, and the number of tokens generated (up to each EOS).
+
+    On long prompts the prompt pass dominates, so each prompt is encoded once, without padding,
+    and its KV cache shared by both samples; batches hold prompts of similar length, so decoding
+    spends little attention on padding.
+    """
+    import torch
+
+    encoded = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+    pairs, generated = [None] * len(prompts), 0
+    for indices, new in generate_batches(model, tokenizer, encoded, 2, max_new_tokens, batch_size,
+                                         do_sample=True, temperature=temperature, top_p=top_p):
+        # A sample ends at its first EOS (included); what follows is padding.
+        ended = new == tokenizer.eos_token_id
+        lengths_new = torch.where(ended.any(1), ended.int().argmax(1) + 1, new.shape[1])
+        generated += int(lengths_new.sum())
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for j, i in enumerate(indices):
+            pairs[i] = (texts[2 * j].strip(), texts[2 * j + 1].strip())
+        if progress:
+            progress.update(len(indices))
+    return pairs, generated
+
+
+def render(tokenizer, prompt: str) -> str:
+    """A starter as the user turn of a chat, ready for the reply."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+class ReplySampling(Protocol):
+    seed: int
+    temperature: float
+    response_length: int  # max new tokens per reply
+    eval_generations: int  # replies per prompt
+
+
+@dataclass
+class Replies:
+    texts: list[list[str]]  # `eval_generations` replies per prompt
+    sequences: Any  # prompt + reply token ids as sampled (prompts left-padded)
+    attention_mask: Any
+    reply_mask: Any  # 1 on each reply token up to and including its end-of-turn token
+    prompt_length: int
+
+
+def sample_replies(model, tokenizer, prompts: list[str], params: ReplySampling) -> Replies:
+    """`eval_generations` sampled replies per prompt, with the same seed every time this is called."""
+    import torch
+
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.padding_side = "left"
+    inputs = tokenizer([render(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                       add_special_tokens=False).to(model.device)
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(params.seed)
+    with torch.no_grad():
+        output = model.generate(**inputs, do_sample=True, temperature=params.temperature, top_k=0, top_p=1.0,
+                                max_new_tokens=params.response_length, num_return_sequences=params.eval_generations,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    length = inputs["input_ids"].shape[1]
+    new = output[:, length:]
+    is_end = (new == tokenizer.eos_token_id).long()
+    reply_mask = (is_end.cumsum(1) - is_end) == 0
+    attention_mask = torch.cat([inputs["attention_mask"].repeat_interleave(params.eval_generations, 0),
+                                reply_mask.long()], 1)
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    n = params.eval_generations
+    return Replies([texts[i * n:(i + 1) * n] for i in range(len(prompts))], output, attention_mask, reply_mask, length)
+
+
+def reply_logprobs(model, replies: Replies, temperature: float) -> list[float]:
+    """Each sampled reply's log-probability under `model`, at the sampling temperature."""
+    import torch
+
+    positions = (replies.attention_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=replies.sequences, attention_mask=replies.attention_mask,
+                       position_ids=positions).logits[:, replies.prompt_length - 1:-1].float()
+    logprobs = torch.log_softmax(logits / temperature, -1)
+    tokens = replies.sequences[:, replies.prompt_length:, None]
+    return (logprobs.gather(-1, tokens).squeeze(-1) * replies.reply_mask).sum(1).tolist()

@@ -1,6 +1,7 @@
 """JSON/JSONL reading that names `file:line`, and writes that appear whole or not at all."""
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -43,10 +44,6 @@ def iter_jsonl(path: str | Path, required: Sequence[str] = ()) -> Iterator[tuple
                 if key not in record:
                     raise StageError(f"{path}:{number}: record missing required field '{key}'")
             yield number, record
-
-
-def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
-    return [record for _, record in iter_jsonl(path, required)]
 
 
 def read_json(path: str | Path) -> Any:
@@ -114,3 +111,12 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+def file_md5(path: str | Path) -> str:
+    """The md5 DVC records for a file in dvc.lock."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

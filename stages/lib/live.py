@@ -1,21 +1,16 @@
 """DVCLive with one directory per stage (and per fan-out item), never the shared `./dvclive`."""
 
+import shutil
 from pathlib import Path
 
-PLOTS_ROOT = Path("plots")
 
+def open_live(directory: str | Path, resume: bool = False, fresh: bool = False):
+    """A `Live` that writes under `directory` (a stage's `--plots`) and leaves dvc.yaml and experiments to DVC.
 
-def live_dir(stage: str, item: str | None = None, root: str | Path = PLOTS_ROOT) -> Path:
-    return Path(root, stage, item) if item else Path(root, stage)
-
-
-def open_live(stage: str, item: str | None = None, root: str | Path = PLOTS_ROOT, resume: bool = False):
-    """A `Live` that writes under `plots/<stage>[/<item>]` and leaves dvc.yaml and experiments to DVC."""
+    With `fresh`, what an earlier run left there goes first, so a shorter run leaves no stale curve points.
+    """
     from dvclive import Live  # imported late: it is slow to import and many stages do not log curves
 
-    return Live(
-        dir=str(live_dir(stage, item, root)),
-        dvcyaml=False,
-        save_dvc_exp=False,
-        resume=resume,
-    )
+    if fresh:
+        shutil.rmtree(directory, ignore_errors=True)
+    return Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False, resume=resume)

@@ -1,4 +1,4 @@
-"""Locating and loading models: the embedded GGUF, local directories, dtypes, a chat helper."""
+"""Locating and loading models: the embedded GGUF, local directories, tokenizers, dtypes, precision."""
 
 import importlib.util
 from pathlib import Path
@@ -51,25 +51,6 @@ def load_tokenizer(path: str | Path):
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StageError(f"{path}: cannot load a tokenizer: {reason}") from None
-
-
-def load_causal_lm(path: str | Path, dtype: str = "float32"):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
-
-
-def greedy_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 32) -> str:
-    """The model's greedy answer to a chat, rendered with the tokenizer's own chat template."""
-    import torch
-
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-    new_tokens = output[0, inputs["input_ids"].shape[1]:]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
 def cpu_has_bf16() -> bool:

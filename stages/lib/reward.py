@@ -9,12 +9,27 @@ from stages.lib.errors import StageError
 REWARD_CONFIG = "reward.json"
 
 
-def load_reward_fn(model_dir: str | Path, batch_size: int = 32, device: str | None = None) -> Callable[[list[str]], list[float]]:
-    """`reward_fn(texts) -> list[float]`: higher means more of the target style.
+def score_texts(model, tokenizer, texts: list[str], config: dict, batch_size: int = 32) -> list[float]:
+    """A two-class classifier scores logit(1) - logit(0); a pairwise (Bradley-Terry) model its single logit,
+    on the text formatted as in training (`config`: what reward.json holds)."""
+    import torch
 
-    A two-class classifier scores logit(1) - logit(0); a pairwise (Bradley-Terry) model its
-    single logit, on the text formatted as in training.
-    """
+    suffix = tokenizer.eos_token if config.get("append_eos_token") else ""
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(texts), batch_size):
+        batch = [t if not suffix or t.endswith(suffix) else t + suffix for t in texts[start:start + batch_size]]
+        inputs = tokenizer(batch, padding=True, truncation=True, max_length=config["max_length"],
+                           return_tensors="pt").to(device)
+        with torch.no_grad():
+            logits = model(**inputs).logits.float()
+        values = logits[:, 1] - logits[:, 0] if logits.shape[-1] == 2 else logits[:, 0]
+        scores.extend(values.tolist())
+    return scores
+
+
+def load_reward_fn(model_dir: str | Path, batch_size: int = 32, device: str | None = None) -> Callable[[list[str]], list[float]]:
+    """`reward_fn(texts) -> list[float]`: higher means more of the target style (see `score_texts`)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -26,18 +41,4 @@ def load_reward_fn(model_dir: str | Path, batch_size: int = 32, device: str | No
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).to(device).eval()
-    suffix = tokenizer.eos_token if config.get("append_eos_token") else ""
-
-    def reward_fn(texts: list[str]) -> list[float]:
-        scores = []
-        for start in range(0, len(texts), batch_size):
-            batch = [t if not suffix or t.endswith(suffix) else t + suffix for t in texts[start:start + batch_size]]
-            inputs = tokenizer(batch, padding=True, truncation=True, max_length=config["max_length"],
-                               return_tensors="pt").to(device)
-            with torch.no_grad():
-                logits = model(**inputs).logits.float()
-            values = logits[:, 1] - logits[:, 0] if logits.shape[-1] == 2 else logits[:, 0]
-            scores.extend(values.tolist())
-        return scores
-
-    return reward_fn
+    return lambda texts: score_texts(model, tokenizer, texts, config, batch_size)

@@ -1,67 +1,97 @@
-"""Checking a tool call's arguments against the tool's JSON schema (the keywords tool schemas use)."""
+"""Checking a tool call's arguments against the tool's JSON schema, with jsonschema."""
 
-import math
+import functools
 import re
 from typing import Any
 
-TYPES = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer(),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-}
+from jsonschema import Draft202012Validator, validators
+
+# The order in which one value's errors are listed; keywords not named here come after, alphabetically.
+KEYWORD_ORDER = ("type", "enum", "const", "required", "additionalProperties", "minItems", "maxItems", "minLength",
+                 "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 
 
-def schema_errors(value: Any, schema: dict, path: str = "$") -> list[str]:
-    """Why `value` does not fit `schema` (empty when it does).
+def _multiple_of(validator, step, instance, schema):
+    # jsonschema divides floats exactly, so 19.99 is not a multiple of 0.01; a call's arguments are decimal text.
+    if validator.is_type(instance, "number") and step and abs(instance / step - round(instance / step)) > 1e-9:
+        yield validators.ValidationError(f"{instance} is not a multiple of {step}")
 
-    Covers type, enum, const, properties / required / additionalProperties, items / minItems / maxItems,
-    string length and pattern, numeric bounds and multipleOf; other keywords are not checked.
+
+@functools.cache
+def _validator_class(base):
+    return validators.extend(base, {"multipleOf": _multiple_of})
+
+
+def _validator(schema: dict):
+    """A validator of the draft the schema names in `$schema`, 2020-12 when it names none."""
+    return _validator_class(validators.validator_for(schema, default=Draft202012Validator))(schema)
+
+
+def _where(path) -> str:
+    return "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
+
+
+def _positions(value: Any, path) -> list[int]:
+    """Where `path` leads in `value`, as indices in its mappings' and lists' own order."""
+    positions = []
+    for part in path:
+        positions.append(list(value).index(part) if isinstance(value, dict) else part)
+        value = value[part]
+    return positions
+
+
+def _extra_keys(instance: dict, schema: dict) -> list[str]:
+    patterns = schema.get("patternProperties", {})
+    return [key for key in instance
+            if key not in schema.get("properties", {}) and not any(re.search(p, key) for p in patterns)]
+
+
+def _messages(error) -> list[tuple[list[int], str]]:
+    """The error as lines, each with where it sits below the error's value: an unexpected key sits at that key."""
+    where, kind, bound, value = _where(error.absolute_path), error.validator, error.validator_value, error.instance
+    if kind == "type":
+        kinds = bound if isinstance(bound, list) else [bound]
+        return [([], f"{where}: expected {' or '.join(kinds)}, got {type(value).__name__}")]
+    if kind == "required":
+        return [([], f"{where}: missing required '{key}'") for key in bound if key not in value]
+    if kind == "additionalProperties":
+        return [([list(value).index(key)], f"{where}: unexpected key '{key}'")
+                for key in _extra_keys(value, error.schema)]
+    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        text = f"{value} violates {kind} {bound}"
+    elif kind in ("minLength", "maxLength"):
+        text = f"length {len(value)} out of bounds"
+    elif kind == "enum":
+        text = f"{value!r} is not one of {bound}"
+    elif kind == "const":
+        text = f"expected {bound!r}"
+    elif kind == "minItems":
+        text = f"fewer than {bound} items"
+    elif kind == "maxItems":
+        text = f"more than {bound} items"
+    elif kind == "pattern":
+        text = f"does not match {bound!r}"
+    else:
+        text = error.message
+    return [([], f"{where}: {text}")]
+
+
+def schema_errors(value: Any, schema: dict) -> list[str]:
+    """Why `value` does not fit `schema` (empty when it does), one line each, `$.key[index]: reason`.
+
+    A value of the wrong type gets only its type error. Lines follow the value's own order of keys and
+    items, a value's own errors before those of what it holds.
     """
     if not isinstance(schema, dict):
         return []
-    errors = []
-    expected = schema.get("type")
-    if expected is not None:
-        kinds = expected if isinstance(expected, list) else [expected]
-        if not any(TYPES.get(kind, lambda v: True)(value) for kind in kinds):
-            return [f"{path}: expected {' or '.join(kinds)}, got {type(value).__name__}"]
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
-    if "const" in schema and value != schema["const"]:
-        errors.append(f"{path}: expected {schema['const']!r}")
-    if isinstance(value, dict):
-        properties = schema.get("properties", {})
-        errors += [f"{path}: missing required '{key}'" for key in schema.get("required", []) if key not in value]
-        for key, item in value.items():
-            if key in properties:
-                errors += schema_errors(item, properties[key], f"{path}.{key}")
-            elif schema.get("additionalProperties") is False:
-                errors.append(f"{path}: unexpected key '{key}'")
-            elif isinstance(schema.get("additionalProperties"), dict):
-                errors += schema_errors(item, schema["additionalProperties"], f"{path}.{key}")
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            errors.append(f"{path}: fewer than {schema['minItems']} items")
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            errors.append(f"{path}: more than {schema['maxItems']} items")
-        if isinstance(schema.get("items"), dict):
-            for i, item in enumerate(value):
-                errors += schema_errors(item, schema["items"], f"{path}[{i}]")
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", math.inf):
-            errors.append(f"{path}: length {len(value)} out of bounds")
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            errors.append(f"{path}: does not match {schema['pattern']!r}")
-    if TYPES["number"](value):
-        bounds = [("minimum", lambda b: value < b), ("maximum", lambda b: value > b),
-                  ("exclusiveMinimum", lambda b: value <= b), ("exclusiveMaximum", lambda b: value >= b)]
-        errors += [f"{path}: {value} violates {name} {schema[name]}" for name, broken in bounds
-                   if isinstance(schema.get(name), (int, float)) and broken(schema[name])]
-        step = schema.get("multipleOf")
-        if step and abs(value / step - round(value / step)) > 1e-9:
-            errors.append(f"{path}: {value} is not a multiple of {step}")
-    return errors
+    errors = list(_validator(schema).iter_errors(value))
+    mistyped = {(tuple(e.absolute_path), id(e.schema)) for e in errors if e.validator == "type"}
+    ranked = []
+    for error in errors:
+        if (tuple(error.absolute_path), id(error.schema)) in mistyped and error.validator != "type":
+            continue
+        rank = KEYWORD_ORDER.index(error.validator) if error.validator in KEYWORD_ORDER else len(KEYWORD_ORDER)
+        for below, message in _messages(error):
+            ranked.append((_positions(value, error.absolute_path) + below, rank, error.validator, message))
+    ranked.sort(key=lambda entry: entry[:3])  # stable: one keyword's lines keep their order
+    return list(dict.fromkeys(message for *_, message in ranked))

@@ -1,22 +1,48 @@
-"""What the training stages share: `defaults` + per-variant params, LoRA settings, precision checks."""
+"""The shape every training stage shares (sft, dpo, reward_model, rl).
+
+params   `<section>.defaults` with `<section>.<name>` on top, each checked under the key the user wrote
+config   the trl / transformers config from the section's `trainer:` block; the stage adds only paths,
+         precision and logging (`STAGE_FIELDS`), which `trainer:` may not set
+model    LoRA and 4-bit loading through trl's `ModelConfig` / `get_peft_config` / `get_quantization_config`
+live     one DVCLive directory per run (the stage's `--plots`), attached as the trainer's callback
+save     model + tokenizer + adapter stack + model card, written whole or not at all
+"""
 
 import copy
+import hashlib
+import json
 import os
+import shutil
 from dataclasses import dataclass
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from stages.lib.errors import StageError
+from stages.lib.io import atomic_dir, file_md5
+from stages.lib.models import resolve_precision
 from stages.lib.params import build, load_params
+from stages.lib.policy import is_adapter, write_stack
 
 T = TypeVar("T")
+
+# Trainer-config fields that come from the stage itself (paths from dvc.yaml, precision from `precision`).
+STAGE_FIELDS = frozenset({"output_dir", "bf16", "fp16", "use_cpu", "report_to", "logging_dir", "push_to_hub",
+                          "hub_model_id", "resume_from_checkpoint"})
 
 
 @dataclass
 class LoraParams:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str] | str
+
+
+def refuse_stage_fields(trainer: Mapping[str, Any], also: Iterable[str] = ()) -> None:
+    """For a params `__post_init__`: a `trainer:` key the stage sets itself is an error naming it."""
+    managed = sorted((STAGE_FIELDS | set(also)) & set(trainer))
+    if managed:
+        raise ValueError(f"trainer {managed[0]} is set by the stage, not in params")
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -30,45 +56,90 @@ def merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def load_variant_params(path, section: str, variant: str, cls: type[T]) -> tuple[T, dict]:
-    """`<section>.defaults` with `<section>.<variant>` on top; each part checked under its own name."""
+@dataclass
+class Section:
+    """A fan-out stage's params: `<section>.defaults` with `<section>.<name>` on top."""
+    params: Any          # the parsed dataclass
+    values: dict         # the merged mapping it was parsed from (logged, and written into the model card)
+    key: str             # `<section>.<name>`, the prefix of every error about this run
+    own: dict            # what `<section>.<name>` itself sets
+
+    def where(self, path: str) -> str:
+        """The key the user wrote for `path` (e.g. `trainer.beta`): the item's own block, else `defaults`."""
+        node = self.own
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return f"{self.key.rsplit('.', 1)[0]}.defaults.{path}"
+            node = node[part]
+        return f"{self.key}.{path}"
+
+
+def load_variant_params(path, section: str, name: str, cls: type[T]) -> Section:
+    """`<section>.defaults` with `<section>.<name>` on top; each part checked under its own name."""
     values = load_params(path).get(section)
     if not isinstance(values, dict) or "defaults" not in values:
         raise StageError(f"{section}.defaults: section missing from params")
-    if variant not in values:
+    if name not in values:
         have = ", ".join(k for k in values if k != "defaults")
-        raise StageError(f"{section}.{variant}: no such entry in params (have: {have})")
+        raise StageError(f"{section}.{name}: no such entry in params (have: {have})")
     build(cls, values["defaults"], f"{section}.defaults")
-    merged = merge(values["defaults"] or {}, values[variant] or {})
-    return build(cls, merged, f"{section}.{variant}"), merged
+    merged = merge(values["defaults"] or {}, values[name] or {})
+    return Section(build(cls, merged, f"{section}.{name}"), merged, f"{section}.{name}", values[name] or {})
 
 
-def lora_config(method: str, lora: LoraParams):
-    """A peft LoraConfig for `lora` / `qlora`; None for full fine-tuning."""
-    if method == "full":
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
-
-
-def check_precision(precision: str, key: str) -> None:
+def trainer_config(config_class: type[T], trainer: Mapping[str, Any], key: str, output_dir: Path, precision: str,
+                   where=None, **from_stage) -> T:
+    """`config_class` from a `trainer:` block plus the fields the stage sets; errors name `key.<field>`,
+    or the key `where(field path)` returns (the block the user actually wrote it in)."""
     import torch
 
+    values = {**trainer, **from_stage, "output_dir": str(output_dir), "report_to": "none",
+              "bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not torch.cuda.is_available()}
+    try:
+        return build(config_class, values, key)
+    except StageError as err:
+        field_key, _, rest = str(err).partition(": ")
+        name = field_key[len(key) + 1:].split(".")[0] if field_key.startswith(key + ".") else None
+        if where is None or name is None or name not in trainer:
+            raise
+        raise StageError(f"{where('trainer.' + field_key[len(key) + 1:])}: {rest}") from None
+
+
+def training_precision(choice: str, method: str, key: str) -> str:
+    """`auto` resolved for this machine (see `resolve_precision`); fp16 without CUDA is an error naming `key`."""
+    import torch
+
+    precision = resolve_precision(choice, method)
     if precision == "fp16" and not torch.cuda.is_available():
         raise StageError(f"{key}: fp16 needs a CUDA GPU; use auto, bf16 or fp32")
+    return precision
 
 
-def precision_flags(precision: str) -> dict:
-    """The trainer-config fields that follow from the stage's precision choice."""
+def model_config(method: str, lora: LoraParams, precision: str):
+    """trl's `ModelConfig` for `method`: LoRA (lora, qlora) and 4-bit NF4 frozen weights (qlora)."""
+    from trl import ModelConfig
+
+    compute = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    return ModelConfig(use_peft=method != "full", lora_r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                       lora_target_modules=lora.target_modules, lora_task_type="CAUSAL_LM",
+                       load_in_4bit=method == "qlora", bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
+                       dtype=compute if method == "qlora" else "float32")
+
+
+def peft_config(config):
+    from trl import get_peft_config
+
+    return get_peft_config(config)
+
+
+def load_trainable(model_dir: Path, config):
+    """A causal LM to train: fp32 weights (autocast runs bf16 / fp16), or frozen 4-bit weights for qlora."""
     import torch
+    from transformers import AutoModelForCausalLM
+    from trl import get_quantization_config
 
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not torch.cuda.is_available()}
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, config.dtype),
+                                                quantization_config=get_quantization_config(config))
 
 
 def check_qlora(key: str) -> None:
@@ -88,15 +159,60 @@ def check_qlora(key: str) -> None:
                          f"use lora or full") from None
 
 
-def load_trainable(model_dir, method: str, precision: str):
-    """A causal LM to train: fp32 weights (autocast handles bf16 / fp16), or 4-bit NF4 frozen weights for qlora."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    kwargs = {"dtype": torch.float32}
-    if method == "qlora":
-        kwargs = {"dtype": compute, "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute)}
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+
+def live_callbacks(plots: Path, resume: bool = False) -> list:
+    """The trainer's DVCLive callback writing to `plots` (main process only; other ranks log nothing)."""
+    if not is_main_process():
+        return []
+    from transformers.integrations import DVCLiveCallback
+
+    from stages.lib.live import open_live
+
+    return [DVCLiveCallback(live=open_live(plots, resume=resume, fresh=not resume))]
+
+
+def checkpoint_dir(root: Path, values: dict, files: Iterable[Path], model_dir: Path) -> Path:
+    """`root/<hash of params, data and base model>`; checkpoints of other keys can never resume: removed."""
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+    for path in files:
+        digest.update(file_md5(path).encode())
+    for name in sorted(os.listdir(model_dir)):
+        digest.update(f"{name}:{(model_dir / name).stat().st_size}".encode())
+    digest.update((model_dir / "config.json").read_bytes())
+    directory = root / digest.hexdigest()[:16]
+    if is_main_process() and root.is_dir():
+        for stale in root.iterdir():
+            if stale != directory:
+                shutil.rmtree(stale, ignore_errors=True)
+    return directory
+
+
+def model_card(title: str, facts: list[str], data: Mapping[str, Path], metrics: dict, params: dict,
+               usage: str) -> str:
+    """One model card for every trained model: what it came from, the data's md5s, metrics and params."""
+    lines = [
+        f"# {title}", "", *[f"- {fact}" for fact in facts],
+        *[f"- {role} `{path}`: md5 `{file_md5(path)}` (as recorded in dvc.lock)" for role, path in data.items()],
+        "", "## Metrics", "", "| metric | value |", "|---|---|",
+        *[f"| {key} | {value} |" for key, value in metrics.items()],
+        "", "## Params", "", "```json", json.dumps(params, indent=2, sort_keys=True, default=str), "```", "",
+        usage, "",
+    ]
+    return "\n".join(lines)
+
+
+def save_trained(out: Path, model, tokenizer, card: str, stack: tuple[Path, list[Path]] | None = None,
+                 extra: Callable[[Path], Any] | None = None) -> None:
+    """Write `out` whole: the model (or adapter), its tokenizer, `stack.json` for an adapter trained on merged
+    adapters (`stack`: base model and adapters below), what `extra(dir)` writes, and the model card."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if stack is not None and is_adapter(tmp):
+            write_stack(tmp, *stack)
+        if extra is not None:
+            extra(tmp)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
