@@ -54,8 +54,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, help="(default: the params')")
     args = parser.parse_args()
     section = load_params(args.params)["generate_preferences"]
-    args.batch_size = args.batch_size or section["batch_size"]
-    args.max_new_tokens = args.max_new_tokens or section["max_new_tokens"]
+    if args.batch_size is None:
+        args.batch_size = section["batch_size"]
+    if args.max_new_tokens is None:
+        args.max_new_tokens = section["max_new_tokens"]
     sampling = {"temperature": section["temperature"], "top_p": section["top_p"]}
 
     import torch

@@ -26,9 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages import token_analysis  # noqa: E402
 from stages.lib.chat import render_chats, resolve_chat_template  # noqa: E402
 from stages.lib.models import load_tokenizer  # noqa: E402
+from stages.lib.token_lengths import (max_length_for_loss, read_conversations, token_counts,  # noqa: E402
+                                      truncation_loss_curve)
 
 
 def best_of(repeats: int, fn):
@@ -41,10 +42,10 @@ def best_of(repeats: int, fn):
 
 
 def run_stage(records, tokenizer, template, step):
-    counts, positions = token_analysis.analyse(records, tokenizer, template, remove_system=False)
+    counts, positions = token_counts(records, tokenizer, template)
     grid = np.arange(step, counts["total"].max() + step, step)
-    token_analysis.truncation_loss_curve(positions, counts["total"], grid)
-    token_analysis.max_length_for_loss(positions, 0.01)
+    truncation_loss_curve(positions, counts["total"], grid)
+    max_length_for_loss(positions, 0.01)
     return int(counts["total"].sum())
 
 
@@ -83,7 +84,7 @@ def main() -> None:
     parser.add_argument("--naive-examples", type=int, default=100)
     args = parser.parse_args()
 
-    records = token_analysis.read_conversations(args.data)
+    records = read_conversations(args.data)
     records = (records * (args.min_examples // len(records) + 1))[:max(args.min_examples, len(records))]
     tokenizer = load_tokenizer(args.tokenizer)
     template = resolve_chat_template(tokenizer, "auto", needs_assistant_mask=True,

@@ -66,6 +66,17 @@ class AlgorithmTrainers:
     grpo: dict[str, Any]
     rloo: dict[str, Any]
 
+    def __post_init__(self):
+        for algorithm, mapped in FROM_PARAMS.items():
+            block = getattr(self, algorithm)
+            try:
+                refuse_stage_fields(block)
+            except ValueError as err:
+                raise ValueError(f"{algorithm} {str(err).removeprefix('trainer ')}") from None
+            taken = sorted(set(mapped) & set(block))
+            if taken:
+                raise ValueError(f"{algorithm} {taken[0]} comes from rl.{mapped[taken[0]]}; set it there")
+
 
 @dataclass
 class RLParams:
@@ -88,16 +99,6 @@ class RLParams:
     trainer: AlgorithmTrainers
 
     def __post_init__(self):
-        for algorithm in FROM_PARAMS:
-            block = getattr(self.trainer, algorithm)
-            try:
-                refuse_stage_fields(block)
-            except ValueError as err:
-                raise ValueError(str(err).replace("trainer ", f"trainer.{algorithm} ", 1)) from None
-            mapped = sorted(set(FROM_PARAMS[algorithm]) & set(block))
-            if mapped:
-                raise ValueError(f"trainer.{algorithm} {mapped[0]} comes from rl.{FROM_PARAMS[algorithm][mapped[0]]};"
-                                 f" set it there")
         for name in ("steps", "batch_size", "response_length", "eval_prompts", "eval_generations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -2,35 +2,37 @@
 
 In:  a chat dataset (a JSONL file, or a directory whose *.jsonl files are read in name order)
      of `{"messages": [...], "tools"?: [...]}` records; the base model's tokenizer.
-Out: <out>/lengths.png             five panels: total tokens; assistant tokens lost by truncation
-                                   position; system tokens; assistant tokens; tokens without the system turn
-     <out>/truncation_loss.tsv     max_length -> assistant tokens lost (count, %), examples cut (%)
-     <out>/length_percentiles.tsv  percentile -> total / system / assistant / without-system tokens
-     <metrics>                     percentiles, and the smallest max length losing at most
-                                   `max_loss_fraction` of assistant tokens
+Out: <out>/lengths.png   five panels: total tokens; assistant tokens lost by truncation position;
+                         system tokens; assistant tokens; tokens without the system turn
+     <out>/plots/custom/truncation_loss.json     DVCLive plot data: max_length -> assistant tokens
+                                                 lost (count, %), examples cut (%)
+     <out>/plots/custom/length_percentiles.json  DVCLive plot data: percentile -> total / system /
+                                                 assistant / without-system tokens
+     <metrics>           percentiles, and the smallest max length losing at most `max_loss_fraction`
+                         of assistant tokens
 
     python -m stages.token_analysis --data data/persona --tokenizer models/base \
         --out plots/token_analysis/persona --metrics metrics/token_analysis/persona.json
 
-Each conversation is rendered once with a template that marks assistant turns and the texts
-are tokenized in one batched call; the loss at every max length then comes from sorted
-token positions, not from re-tokenizing at each truncation step.
+The counting and the truncation curve are in stages/lib/token_lengths.py.
 """
 
 import argparse
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from stages.lib import StageError, run_stage
-from stages.lib.chat import read_chat_records, resolve_chat_template, tokenize_chats
+from stages.lib.chat import resolve_chat_template
 from stages.lib.io import atomic_dir, atomic_file, write_json
+from stages.lib.live import open_live
 from stages.lib.log import get_logger, log_config
 from stages.lib.models import load_tokenizer
 from stages.lib.params import DEFAULT_PARAMS, load_section
+from stages.lib.token_lengths import max_length_for_loss, read_conversations, token_counts, truncation_loss_curve
 
 log = get_logger("token_analysis")
 
@@ -40,12 +42,12 @@ KINDS = ("total", "system", "assistant", "without_system")
 
 @dataclass
 class TokenAnalysisParams:
-    num_samples: int | None = None  # analyse a seeded sample of this many examples; null = all
-    remove_system_messages: bool = False
-    step: int = 128  # max-length grid of the truncation curve
-    max_loss_fraction: float = 0.01
-    chat_template: str = "auto"  # auto | model | chatml | path to a .jinja file
-    seed: int = 42
+    num_samples: int | None  # analyse a seeded sample of this many examples; null = all
+    remove_system_messages: bool
+    step: int  # max-length grid of the truncation curve
+    max_loss_fraction: float
+    chat_template: str  # auto | model | chatml | path to a .jinja file
+    seed: int
 
     def __post_init__(self):
         if self.num_samples is not None and self.num_samples < 1:
@@ -56,64 +58,11 @@ class TokenAnalysisParams:
             raise ValueError(f"max_loss_fraction must be in [0, 1), got {self.max_loss_fraction}")
 
 
-def read_conversations(data: Path) -> list[dict]:
-    files = sorted(data.glob("*.jsonl")) if data.is_dir() else [data] if data.exists() else []
-    if not files:
-        raise StageError(f"{data}: no JSONL files found")
-    records = [record for path in files for record in read_chat_records(path)]
-    if not records:
-        raise StageError(f"{data}: no records")
-    return records
-
-
 def sample(records: list[dict], num_samples: int | None, seed: int) -> list[dict]:
     if num_samples is None or num_samples >= len(records):
         return records
     indices = sorted(random.Random(seed).sample(range(len(records)), num_samples))
     return [records[i] for i in indices]
-
-
-def token_counts(records: list[dict], tokenizer, template: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Per-example counts of each kind, and every assistant token's position (for truncation loss)."""
-    tokenized = tokenize_chats(records, tokenizer, template)
-    counts = {
-        "total": np.array([t.n_tokens for t in tokenized]),
-        "system": np.array([t.system_tokens for t in tokenized]),
-        "assistant": np.array([sum(last - first for first, last in t.assistant_spans) for t in tokenized]),
-    }
-    counts["without_system"] = counts["total"] - counts["system"]
-    positions = [np.arange(first, last, dtype=np.int64) for t in tokenized for first, last in t.assistant_spans]
-    return counts, np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
-
-
-def truncation_loss_curve(positions: np.ndarray, totals: np.ndarray, grid: np.ndarray) -> list[dict]:
-    """Assistant tokens at position >= L are lost when conversations are cut to L tokens."""
-    ordered = np.sort(positions)
-    lost = len(ordered) - np.searchsorted(ordered, grid, side="left")
-    totals_sorted = np.sort(totals)
-    cut = len(totals_sorted) - np.searchsorted(totals_sorted, grid, side="right")
-    return [{"max_length": int(length), "assistant_tokens_lost": int(n),
-             "assistant_tokens_lost_pct": round(100.0 * n / max(len(ordered), 1), 4),
-             "examples_truncated_pct": round(100.0 * c / len(totals), 4)}
-            for length, n, c in zip(grid, lost, cut)]
-
-
-def max_length_for_loss(positions: np.ndarray, fraction: float) -> int:
-    """The smallest L such that cutting at L loses at most `fraction` of assistant tokens."""
-    if len(positions) == 0:
-        return 0
-    allowed = int(np.floor(fraction * len(positions)))
-    if allowed >= len(positions):
-        return 0
-    # Sorted descending, the (allowed+1)-th largest position must be kept: L = that position + 1.
-    kth_largest = np.partition(positions, len(positions) - 1 - allowed)[len(positions) - 1 - allowed]
-    return int(kth_largest) + 1
-
-
-def analyse(records: list[dict], tokenizer, template: str, remove_system: bool):
-    if remove_system:
-        records = [{**r, "messages": [m for m in r["messages"] if m["role"] != "system"]} for r in records]
-    return token_counts(records, tokenizer, template)
 
 
 def plot_lengths(path: Path, counts: dict[str, np.ndarray], curve: list[dict], name: str, cutoff: int,
@@ -155,12 +104,14 @@ def plot_lengths(path: Path, counts: dict[str, np.ndarray], curve: list[dict], n
     plt.close(fig)
 
 
-def write_tsv(path: Path, rows: list[dict]) -> None:
-    columns = list(rows[0])
-    with atomic_file(path) as handle:
-        handle.write("\t".join(columns) + "\n")
-        for row in rows:
-            handle.write("\t".join(str(row[c]) for c in columns) + "\n")
+def write_plot_data(out: Path, curve: list[dict], percentiles: list[dict]) -> None:
+    # Live.end() is not called: it would add an empty metrics.json, and under `dvc exp run` it git-adds
+    # the files of its directory, here the temporary one that becomes --out.
+    live = open_live(out)
+    live.log_plot("truncation_loss", curve, x="max_length", y="assistant_tokens_lost_pct",
+                  title="Assistant tokens lost by truncation")
+    live.log_plot("length_percentiles", percentiles, x="percentile", y=["total", "assistant"],
+                  title="Token length percentiles")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -182,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     template = resolve_chat_template(tokenizer, params.chat_template, needs_assistant_mask=True,
                                      needs_tools=any(r["tools"] for r in records),
                                      key="token_analysis.chat_template")
-    counts, positions = analyse(records, tokenizer, template, params.remove_system_messages)
+    counts, positions = token_counts(records, tokenizer, template, params.remove_system_messages)
     if len(positions) == 0:
         raise StageError(f"{args.data}: no assistant tokens in {len(records)} conversations")
 
@@ -202,8 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "max_loss_fraction": params.max_loss_fraction,
     }
     with atomic_dir(args.out) as tmp:
-        write_tsv(tmp / "truncation_loss.tsv", curve)
-        write_tsv(tmp / "length_percentiles.tsv", percentiles)
+        write_plot_data(tmp, curve, percentiles)
         plot_lengths(tmp / "lengths.png", counts, curve, name, cutoff, params.max_loss_fraction)
     write_json(args.metrics, metrics)
     log.info("%s: %d conversations, %d tokens; cutting at %d loses <= %.1f%% of assistant tokens",

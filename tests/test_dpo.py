@@ -8,7 +8,7 @@ from stages import dpo
 from stages.lib import StageError
 from stages.lib.policy import load_policy, policy_stack
 from tests.chats import write_jsonl
-from tests.conftest import write_params
+from tests.conftest import params_file, write_params
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 FAST = {"lora": {"r": 4, "alpha": 8}, "max_prompt_tokens": 48,
@@ -45,11 +45,12 @@ def sft_adapter(tmp_path_factory, tiny_model_dir):
 def run(tmp_path, start, variant="rlaif", train=TRAIN, eval_pairs=EVAL, out="out", eval_human=None, **defaults):
     tmp_path.mkdir(parents=True, exist_ok=True)
     section = {"defaults": {**FAST, **defaults}, variant: {}}
-    params = write_params(tmp_path / "params.yaml", {"dpo": section})
-    argv = ["--params", str(params), "--variant", variant, "--start", str(start),
+    params = params_file(tmp_path / "params.yaml", {"dpo": section})
+    argv = ["--params", str(params), "--name", variant, "--start", str(start),
             "--train", str(write_jsonl(tmp_path / "train.jsonl", train)),
             "--eval", str(write_jsonl(tmp_path / "eval.jsonl", eval_pairs)),
-            "--out", str(tmp_path / out), "--metrics", str(tmp_path / f"{out}.json"), "--plots", str(tmp_path / "plots")]
+            "--out", str(tmp_path / out), "--metrics", str(tmp_path / f"{out}.json"),
+            "--plots", str(tmp_path / "plots" / "dpo" / variant)]
     if eval_human is not None:
         argv += ["--eval-human", str(write_jsonl(tmp_path / "eval_human.jsonl", eval_human))]
     return dpo.main(argv)
@@ -147,8 +148,8 @@ def test_long_prompts_lose_their_middle():
 
 @pytest.mark.parametrize("defaults, message", [
     ({"trainer": {"output_dir": "x"}}, r"^dpo\.defaults\.trainer: output_dir is set by the stage, not in params$"),
-    ({"trainer": {"max_length": 40}}, r"^dpo\.rlaif\.trainer\.max_length: 40 leaves no room for the responses"),
-    ({"trainer": {"betta": 0.1}}, r"^dpo\.rlaif\.trainer\.betta: unknown key \(did you mean 'beta'\?\)$"),
+    ({"trainer": {"max_length": 40}}, r"^dpo\.defaults\.trainer\.max_length: 40 leaves no room for the responses"),
+    ({"trainer": {"betta": 0.1}}, r"^dpo\.defaults\.trainer\.betta: unknown key \(did you mean 'beta'\?\)$"),
     ({"method": "qlora"}, r"^dpo\.defaults\.method: "),
     ({"max_prompt_tokens": 4}, r"^dpo\.defaults\.max_prompt_tokens: must be at least 32"),
 ])
@@ -170,6 +171,6 @@ def test_bad_inputs_are_one_line(workdir, tiny_model_dir):
         run(workdir, workdir / "missing")
     with pytest.raises(StageError, match=r"^dpo\.other: no such entry in params \(have: rlaif\)$"):
         params = write_params(workdir / "p.yaml", {"dpo": {"defaults": FAST, "rlaif": {}}})
-        dpo.main(["--params", str(params), "--variant", "other", "--start", str(tiny_model_dir), "--train", "t",
-                  "--eval", "e", "--out", "o", "--metrics", "m"])
+        dpo.main(["--params", str(params), "--name", "other", "--start", str(tiny_model_dir), "--train", "t",
+                  "--eval", "e", "--out", "o", "--metrics", "m", "--plots", "p"])
     assert not (workdir / "out").exists()

@@ -10,7 +10,7 @@ from stages.lib.policy import load_policy
 from stages.lib.reward import load_reward_fn
 from stages.lib.schema import schema_errors
 from tests.chats import TOOLS, chat, tool_chat, write_jsonl
-from tests.conftest import REPO_ROOT, write_params
+from tests.conftest import REPO_ROOT, params_file
 from tests.tiny import build_tokenizer, save_tiny_reward_model
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -47,7 +47,7 @@ def inputs(tmp_path_factory):
 
 
 def run(workdir, model, tasks, inputs, name="m", reference=None, **section):
-    params = write_params(workdir / "params.yaml", {"evaluate": {**FAST, **section}, "rl": RL})
+    params = params_file(workdir / "params.yaml", {"evaluate": {**FAST, **section}, "rl": RL})
     argv = ["--params", str(params), "--model", str(model), "--name", name, "--tasks", tasks,
             "--pool", str(inputs["pool"]), "--reward-model", str(inputs["reward"]),
             "--agent-test", str(inputs["agent"]), "--persona", str(inputs["persona"]),

@@ -4,10 +4,10 @@ import pytest
 
 from stages import generate_preferences
 from stages.lib import StageError
-from stages.lib.generation import prompt_cache
+from stages.lib.generation import prompt_cache, sample_pairs
 from stages.lib.policy import load_policy
 from tests.chats import write_jsonl
-from tests.conftest import write_params
+from tests.conftest import params_file
 
 
 def persuasion_record(conversation: int, turn: int) -> dict:
@@ -28,7 +28,7 @@ def prompt_files(tmp_path):
 def run(tmp_path, model, files, **section):
     section = {"ai_pool_size": 6, "human_pool_size": 3, "eval_pool_size": 4, "max_new_tokens": 8,
                "batch_size": 3, **section}
-    params = write_params(tmp_path / "params.yaml", {"generate_preferences": section})
+    params = params_file(tmp_path / "params.yaml", {"generate_preferences": section})
     return generate_preferences.main(["--params", str(params), "--model", str(model), "--prompts", *map(str, files),
                                       "--out", str(tmp_path / "prefs"), "--metrics", str(tmp_path / "metrics.json")])
 
@@ -100,8 +100,7 @@ def test_shared_prompt_cache_gives_what_plain_generation_gives(tiny_model_dir):
     model, tokenizer = load_policy(tiny_model_dir)
     prompts = [persuasion_record(c, 0)["messages"][:2] for c in range(5)]
     prompts[2][1]["content"] += " A much longer question, so the batch needs left padding." * 3
-    near_greedy = generate_preferences.GeneratePreferencesParams(temperature=1e-6, top_p=1.0, max_new_tokens=6,
-                                                                 batch_size=3)
+    near_greedy = {"temperature": 1e-6, "top_p": 1.0, "max_new_tokens": 6, "batch_size": 3}
     encoded = tokenizer.apply_chat_template(prompts[:3], add_generation_prompt=True, tokenize=True,
                                             return_dict=True)["input_ids"]
     width = max(len(ids) for ids in encoded)
@@ -110,7 +109,7 @@ def test_shared_prompt_cache_gives_what_plain_generation_gives(tiny_model_dir):
     # Every prompt but its last token, left-padded to the longest, once per sample.
     assert cache.get_seq_length() == width - 1
     assert tuple(cache.layers[0].keys.shape[::2]) == (6, width + 6)
-    pairs, _ = generate_preferences.sample_pairs(model, tokenizer, prompts, near_greedy)
+    pairs, _ = sample_pairs(model, tokenizer, prompts, **near_greedy)
     for prompt, pair in zip(prompts, pairs):
         inputs = tokenizer.apply_chat_template([prompt], add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad():
@@ -139,9 +138,8 @@ def test_sliding_window_model_encodes_the_padded_batch_and_still_matches_plain_g
                                             return_dict=True)["input_ids"]
     with torch.no_grad():
         assert prompt_cache(model, encoded, 2, 64) is None
-    near_greedy = generate_preferences.GeneratePreferencesParams(temperature=1e-6, top_p=1.0, max_new_tokens=5,
-                                                                 batch_size=3)
-    pairs, generated = generate_preferences.sample_pairs(model, tokenizer, prompts, near_greedy)
+    near_greedy = {"temperature": 1e-6, "top_p": 1.0, "max_new_tokens": 5, "batch_size": 3}
+    pairs, generated = sample_pairs(model, tokenizer, prompts, **near_greedy)
     for prompt, pair in zip(prompts, pairs):
         inputs = tokenizer.apply_chat_template([prompt], add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad():

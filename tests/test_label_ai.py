@@ -6,7 +6,7 @@ from stages import label_ai
 from stages.lib import StageError
 from stages.lib.reward import load_reward_fn
 from tests.chats import write_jsonl
-from tests.conftest import write_params
+from tests.conftest import params_file
 from tests.tiny import build_tokenizer, save_tiny_reward_model
 
 SYSTEM = {"role": "system", "content": "Change their mind."}
@@ -28,7 +28,7 @@ def reward_dir(tmp_path_factory):
 
 def run(tmp_path, reward_dir, judge_model, rows=ROWS, pools=None, **section):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    params = write_params(tmp_path / "params.yaml", {"label_ai": section})
+    params = params_file(tmp_path / "params.yaml", {"label_ai": section})
     pools = pools or [write_jsonl(tmp_path / "pools" / "ai.jsonl", rows)]
     metrics = label_ai.main(["--params", str(params), "--pools", *map(str, pools), "--reward-model", str(reward_dir),
                              "--judge-model", str(judge_model), "--out", str(tmp_path / "out"),
@@ -41,7 +41,7 @@ def read(path):
 
 
 def test_reward_model_judge_prefers_the_higher_score(tmp_path, reward_dir, tiny_model_dir):
-    metrics = run(tmp_path, reward_dir, tiny_model_dir)
+    metrics = run(tmp_path, reward_dir, tiny_model_dir, tie_margin=0.0)
     pairs = read(tmp_path / "out" / "ai.jsonl")
     scores = load_reward_fn(reward_dir)([t for row in ROWS for t in (row["response_1"], row["response_2"])])
     assert [p["metadata"]["prompt_id"] for p in pairs] == [r["metadata"]["prompt_id"] for r in ROWS]
@@ -116,7 +116,9 @@ def test_long_conversations_are_cut_from_the_start():
     ('{"prompt": [{"role": "user", "content": "hi"}], "response_1": "a", "response_2": 3, "metadata": {"prompt_id": "x"}}',
      r"ai\.jsonl:2: 'response_2' must be a string$"),
     ('{"prompt": [{"role": "user", "content": "hi"}], "response_1": "a", "response_2": "b", "metadata": {}}',
-     r"ai\.jsonl:2: metadata needs a prompt_id$"),
+     r"ai\.jsonl:2: record has no metadata\.prompt_id$"),
+    ('{"prompt": [{"role": "user", "content": "hi"}], "response_1": "a", "response_2": "b", "metadata": {"prompt_id": '
+     '"cmv:t0"}}', r"ai\.jsonl:2: duplicate prompt_id 'cmv:t0' \(first at line 1\)$"),
 ])
 def test_bad_pool_lines_are_one_line(tmp_path, reward_dir, tiny_model_dir, line, message):
     pool = tmp_path / "pools" / "ai.jsonl"

@@ -6,7 +6,8 @@ import pytest
 
 from stages import label_human
 from stages.lib import StageError
-from tests.conftest import REPO_ROOT, write_params
+from stages.lib.records import read_labels
+from tests.conftest import REPO_ROOT, params_file
 
 
 
@@ -35,7 +36,7 @@ def pool(tmp_path) -> Path:
 
 
 def run(tmp_path: Path, pool: Path, labels: Path, **section) -> dict:
-    params = write_params(tmp_path / "params.yaml", {"label_human": section})
+    params = params_file(tmp_path / "params.yaml", {"label_human": section})
     return label_human.main(["--params", str(params), "--pool", str(pool), "--labels", str(labels),
                              "--out", str(tmp_path / "out" / "human.jsonl"),
                              "--metrics", str(tmp_path / "metrics.json")])
@@ -173,7 +174,7 @@ def test_bad_params_name_the_key(tmp_path, pool, section, message):
 def test_shipped_labels_are_well_formed_and_cover_the_generated_pool(tmp_path, pool_name):
     shipped_labels = REPO_ROOT / "data" / "raw" / "labels" / f"{pool_name}.jsonl"
     shipped_pool = REPO_ROOT / "data" / "preferences" / f"{pool_name}.jsonl"
-    labels = label_human.read_labels(shipped_labels)
+    labels = read_labels(shipped_labels)
     assert labels and all(label["labeller"] for _, label in labels)
     if not shipped_pool.exists():
         pytest.skip(f"{shipped_pool.relative_to(REPO_ROOT)} not generated yet (dvc repro generate_preferences)")
@@ -194,7 +195,7 @@ def test_labels_of_the_held_out_pool_become_held_out_pairs(tmp_path, pool):
         **pool_record(i)["metadata"], "pool": "eval"}} for i in range(10, 14)])
     eval_labels = write_lines(tmp_path / "eval_labels.jsonl", [label(13, "2", "bo"), label(11, "tie", "bo"),
                                                               label(10, "1", "bo")])
-    params = write_params(tmp_path / "params.yaml", {"label_human": {"min_labels": 2}})
+    params = params_file(tmp_path / "params.yaml", {"label_human": {"min_labels": 2}})
     metrics = label_human.main(["--params", str(params), "--pool", str(pool), "--labels", str(labels),
                                 "--out", str(tmp_path / "out" / "human.jsonl"), "--metrics", str(tmp_path / "m.json"),
                                 "--eval-pool", str(eval_pool), "--eval-labels", str(eval_labels),

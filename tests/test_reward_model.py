@@ -8,7 +8,7 @@ from stages import reward_model
 from stages.lib import StageError
 from stages.lib.reward import load_reward_fn
 from tests.chats import write_jsonl
-from tests.conftest import write_params
+from tests.conftest import params_file, write_params
 
 STYLED = ["you look lovely tonight darling", "i love your cute smile", "darling you are so cute",
           "your smile makes me blush", "i miss you so much darling", "you are lovely and cute"]
@@ -38,7 +38,7 @@ def style_data(tmp_path):
 
 def run(tmp_path, data, tiny_model_dir, **section):
     section = {"base": "policy", "max_length": 32, "trainer": dict(FAST), **section}
-    params = write_params(tmp_path / "params.yaml", {"reward_model": section})
+    params = params_file(tmp_path / "params.yaml", {"reward_model": section})
     return reward_model.main(["--params", str(params), "--data", str(data), "--policy", str(tiny_model_dir),
                               "--out", str(tmp_path / "reward"), "--metrics", str(tmp_path / "metrics.json"),
                               "--plots", str(tmp_path / "plots" / "reward_model")])
@@ -56,10 +56,11 @@ def test_classifier_separates_the_styles(workdir, style_data, tiny_model_dir):
     assert metrics["mean_reward_target_style"] > metrics["mean_reward_neutral"]
 
     plots = workdir / "plots" / "reward_model"
-    roc = [line.split("\t") for line in (plots / "roc.tsv").read_text().splitlines()]
-    assert roc[0] == ["fpr", "tpr"] and roc[1] == ["0.000000", "0.000000"] and roc[-1] == ["1.000000", "1.000000"]
-    assert (plots / "scores.png").read_bytes()[:4] == b"\x89PNG"
-    assert len((plots / "scores.tsv").read_text().splitlines()) == 1 + 24
+    roc = json.loads((plots / "plots" / "sklearn" / "roc.json").read_text())["roc"]
+    assert (roc[0]["fpr"], roc[0]["tpr"]) == (0.0, 0.0) and (roc[-1]["fpr"], roc[-1]["tpr"]) == (1.0, 1.0)
+    assert (plots / "plots" / "images" / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    card = (workdir / "reward" / "README.md").read_text()
+    assert f"| roc_auc | {metrics['roc_auc']} |" in card and "train.jsonl" in card
     assert (plots / "plots" / "metrics" / "train" / "loss.tsv").is_file() or (plots / "plots" / "metrics" / "loss.tsv").is_file()
 
 
@@ -84,10 +85,7 @@ def test_roc_auc_matches_pair_counting():
     scores, labels = rng.normal(size=60).round(1), rng.integers(0, 2, size=60)
     pairs = [(p, n) for p in scores[labels == 1] for n in scores[labels == 0]]
     expected = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
-    assert reward_model.roc_auc(scores, labels) == pytest.approx(expected)
-    fpr, tpr = reward_model.roc_curve(scores, labels)
-    assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
-    assert np.trapezoid(tpr, fpr) == pytest.approx(expected)
+    assert reward_model.classification_metrics(scores, labels, 0.0)["roc_auc"] == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.parametrize("split, content, message", [

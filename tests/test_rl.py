@@ -9,7 +9,8 @@ from stages import rl
 from stages.lib import StageError
 from stages.lib.policy import load_policy
 from stages.lib.reward import load_reward_fn
-from tests.conftest import REPO_ROOT, write_params
+from stages.lib.records import read_starters, split_starters
+from tests.conftest import REPO_ROOT, params_file
 from tests.tiny import build_tokenizer, save_tiny_reward_model
 
 STARTERS = REPO_ROOT / "data" / "raw" / "starters" / "starters.jsonl"
@@ -23,8 +24,8 @@ def reward_dir(tmp_path_factory):
 
 
 def run(tmp_path, policy, reward, prompts=STARTERS, **section):
-    params = write_params(tmp_path / "params.yaml", {"rl": {**FAST, **section}})
-    argv = ["--params", str(params), "--policy", str(policy), "--prompts", str(prompts),
+    params = params_file(tmp_path / "params.yaml", {"rl": {**FAST, **section}})
+    argv = ["--params", str(params), "--start", str(policy), "--prompts", str(prompts),
             "--reward-model", str(reward), "--out", str(tmp_path / "out"),
             "--metrics", str(tmp_path / "metrics.json"), "--plots", str(tmp_path / "plots" / "rl")]
     return rl.main(argv)
@@ -53,8 +54,10 @@ def check_run(workdir, metrics, algorithm, start_dir):
     assert len(replies) == 2 and all(len(r["after"]) == len(r["reward_after"]) == 2 for r in replies)
     after = [x for r in replies for x in r["reward_after"]]
     assert sum(after) / len(after) == pytest.approx(metrics["reward_after"], abs=1e-3)
-    curves = (workdir / "plots" / "rl" / "curves.tsv").read_text().splitlines()
-    assert curves[0] == "step\treward\tkl\tentropy" and [row.split("\t")[0] for row in curves[1:]] == ["1", "2"]
+    curves = json.loads((workdir / "plots" / "rl" / "plots" / "custom" / "curves.json").read_text())
+    assert [row["step"] for row in curves] == [1, 2] and all({"reward", "kl", "entropy"} <= set(r) for r in curves)
+    rewards = json.loads((workdir / "plots" / "rl" / "plots" / "custom" / "eval_rewards.json").read_text())
+    assert len(rewards) == 2 and {"prompt_id", "reward_before", "reward_after"} == set(rewards[0])
 
 
 def test_ppo_trains_a_lora_adapter_against_the_reward_model(workdir, tiny_model_dir, reward_dir):
@@ -133,10 +136,13 @@ def test_reward_model_with_another_tokenizer_is_one_line(workdir, tiny_model_dir
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"trainer": {"num_ppo_epoch": 2}}, r"^rl\.trainer\.num_ppo_epoch: unknown key \(did you mean 'num_ppo_epochs'\?\)$"),
-    ({"algorithm": "grpo", "trainer": {"kl_coef": 0.1}}, r"^rl\.trainer\.kl_coef: unknown key"),
-    ({"trainer": {"learning_rate": 0.1}}, r"^rl\.trainer: learning_rate comes from rl\.learning_rate; set it there$"),
-    ({"trainer": {"output_dir": "x"}}, r"^rl\.trainer: output_dir is set by the stage, not in params$"),
+    ({"trainer": {"ppo": {"num_ppo_epoch": 2}}},
+     r"^rl\.trainer\.ppo\.num_ppo_epoch: unknown key \(did you mean 'num_ppo_epochs'\?\)$"),
+    ({"algorithm": "grpo", "trainer": {"grpo": {"kl_coef": 0.1}}}, r"^rl\.trainer\.grpo\.kl_coef: unknown key"),
+    ({"trainer": {"ppo": {"learning_rate": 0.1}}},
+     r"^rl\.trainer\.ppo: learning_rate comes from rl\.learning_rate; set it there$"),
+    ({"trainer": {"rloo": {"output_dir": "x"}}}, r"^rl\.trainer\.rloo: output_dir is set by the stage, not in params$"),
+    ({"trainer": {"sgd": {}}}, r"^rl\.trainer\.sgd: unknown key"),
     ({"algorithm": "rloo", "num_generations": 1}, r"^rl\.num_generations: must be at least 2 for rloo"),
     ({"algoritm": "ppo"}, r"^rl\.algoritm: unknown key \(did you mean 'algorithm'\?\)$"),
     ({"eval_prompts": 62}, r"^rl\.eval_prompts: 62 holds out every one of the 62 starters in \S+starters\.jsonl$"),
@@ -166,14 +172,13 @@ def test_bad_starters_are_one_line(workdir, tiny_model_dir, reward_dir, lines, m
 
 
 def test_shipped_starters_split_by_seed():
-    starters = rl.read_starters(STARTERS)
+    starters = read_starters(STARTERS)
     assert len(starters) >= 50 and len({s["id"] for s in starters}) == len(starters)
-    params = rl.RLParams(eval_prompts=8)
-    train, held_out = rl.split_starters(starters, params, STARTERS)
+    train, held_out = split_starters(starters, 42, 8, 8, STARTERS)
     assert len(held_out) == 8 and len(train) == len(starters) - 8
     assert {s["id"] for s in train}.isdisjoint(s["id"] for s in held_out)
-    assert (train, held_out) == rl.split_starters(starters, params, STARTERS)
-    assert held_out != rl.split_starters(starters, rl.RLParams(eval_prompts=8, seed=1), STARTERS)[1]
+    assert (train, held_out) == split_starters(starters, 42, 8, 8, STARTERS)
+    assert held_out != split_starters(starters, 1, 8, 8, STARTERS)[1]
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])

@@ -10,7 +10,8 @@ from stages.lib import StageError
 from stages.lib.chat import CHATML_TEMPLATE, chat_dataset, read_chat_records, tokenize_chats
 from stages.lib.models import load_tokenizer, resolve_precision
 from tests.chats import chat, tool_chat, write_jsonl
-from tests.conftest import venv_env, write_params
+from stages.lib.io import file_md5
+from tests.conftest import params_file, venv_env, write_params
 
 FAST = {"max_steps": 12, "logging_steps": 2, "eval_steps": 4, "save_steps": 4, "learning_rate": 5e-3,
         "max_length": 512}
@@ -25,12 +26,12 @@ def data(tmp_path):
 
 def run(tmp_path, tiny_model_dir, data, workflow="toy", defaults=None, **overrides):
     defaults = {"lora": {"r": 8, "alpha": 16}, "trainer": dict(FAST), **(defaults or {})}
-    params = write_params(tmp_path / "params.yaml", {"sft": {"defaults": defaults, workflow: overrides}})
+    params = params_file(tmp_path / "params.yaml", {"sft": {"defaults": defaults, workflow: overrides}})
     train, val = data
-    return sft.main(["--params", str(params), "--workflow", workflow, "--model", str(tiny_model_dir),
+    return sft.main(["--params", str(params), "--name", workflow, "--model", str(tiny_model_dir),
                      "--train", str(train), "--eval", str(val), "--out", str(tmp_path / "out"),
                      "--metrics", str(tmp_path / "metrics.json"), "--checkpoints", str(tmp_path / "checkpoints"),
-                     "--plots", str(tmp_path / "plots")])
+                     "--plots", str(tmp_path / "plots" / "sft" / workflow)])
 
 
 def test_lora_training_lowers_eval_loss_and_saves_an_adapter(workdir, tiny_model_dir, data):
@@ -53,7 +54,7 @@ def test_lora_training_lowers_eval_loss_and_saves_an_adapter(workdir, tiny_model
     assert load_tokenizer(out).chat_template == CHATML_TEMPLATE
 
     card = (out / "README.md").read_text()
-    assert sft.file_md5(data[0]) in card and f"| eval_loss | {metrics['eval_loss']} |" in card
+    assert file_md5(data[0]) in card and f"| eval_loss | {metrics['eval_loss']} |" in card
 
     losses = (workdir / "plots" / "sft" / "toy" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
     assert losses[0] == "step\tloss" and len(losses) == 1 + 12 // 2
@@ -187,12 +188,22 @@ def test_bad_params_are_one_line(workdir, tiny_model_dir, data, overrides, messa
 def test_unknown_workflow_and_bad_defaults(workdir, tiny_model_dir, data):
     params = write_params(workdir / "params.yaml", {"sft": {"defaults": {}, "persona": {}}})
     argv = ["--params", str(params), "--model", str(tiny_model_dir), "--train", str(data[0]), "--eval", str(data[1]),
-            "--out", str(workdir / "out"), "--metrics", str(workdir / "m.json")]
+            "--out", str(workdir / "out"), "--metrics", str(workdir / "m.json"), "--plots", str(workdir / "plots")]
     with pytest.raises(StageError, match=r"^sft\.agent: no such entry in params \(have: persona\)$"):
-        sft.main(["--workflow", "agent", *argv])
-    write_params(workdir / "params.yaml", {"sft": {"defaults": {"methd": "lora"}, "persona": {}}})
+        sft.main(["--name", "agent", *argv])
+    params_file(workdir / "params.yaml", {"sft": {"defaults": {"methd": "lora"}}})
     with pytest.raises(StageError, match=r"^sft\.defaults\.methd: unknown key"):
-        sft.main(["--workflow", "persona", *argv])
+        sft.main(["--name", "persona", *argv])
+    params_file(workdir / "params.yaml", {"sft": {"defaults": {"max_eval_examples!": None}}})
+    with pytest.raises(StageError, match=r"^sft\.defaults\.max_eval_examples: missing required key$"):
+        sft.main(["--name", "persona", *argv])
+
+
+def test_a_bad_trainer_value_is_named_where_it_was_written(workdir, tiny_model_dir, data):
+    with pytest.raises(StageError, match=r"^sft\.defaults\.trainer\.learning_rate: expected a number, got a string"):
+        run(workdir, tiny_model_dir, data, defaults={"trainer": {**FAST, "learning_rate": "abc"}})
+    with pytest.raises(StageError, match=r"^sft\.toy\.trainer\.learning_rate: expected a number, got a string"):
+        run(workdir, tiny_model_dir, data, trainer={"learning_rate": "abc"})
 
 
 def test_dataset_without_assistant_turn_names_the_line(workdir, tiny_model_dir, data):
@@ -215,12 +226,12 @@ def test_qlora_where_bitsandbytes_cannot_run(workdir, tiny_model_dir, data, monk
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(workdir, tiny_model_dir, data):
-    params = write_params(workdir / "params.yaml", {"sft": {"defaults": {"trainer": dict(FAST)}, "toy": {}}})
+    params = params_file(workdir / "params.yaml", {"sft": {"defaults": {"trainer": dict(FAST)}, "toy": {}}})
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "stages.sft",
-         "--params", str(params), "--workflow", "toy", "--model", str(tiny_model_dir), "--train", str(data[0]),
+         "--params", str(params), "--name", "toy", "--model", str(tiny_model_dir), "--train", str(data[0]),
          "--eval", str(data[1]), "--out", str(workdir / "out"), "--metrics", str(workdir / "metrics.json"),
-         "--checkpoints", str(workdir / "checkpoints"), "--plots", str(workdir / "plots")],
+         "--checkpoints", str(workdir / "checkpoints"), "--plots", str(workdir / "plots" / "sft" / "toy")],
         cwd=workdir, env={**venv_env(), "PYTHONPATH": str(sft.Path(sft.__file__).parent.parent)},
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

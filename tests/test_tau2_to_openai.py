@@ -3,28 +3,21 @@ from pathlib import Path
 
 import pytest
 
-from stages import tau2_make, tau2_to_openai
+from stages import tau2_to_openai
 from stages.lib import StageError
-from stages.lib.chat import CHATML_TEMPLATE
-from stages.tau2_to_openai import load_openai_dataset
-from tests.conftest import write_params
+from stages.lib.chat import CHATML_TEMPLATE, chat_dataset
+from tests.conftest import params_file, project_params
 from tests.test_tau2_make import POLICY, SAMPLE, TOOLS, dump, run_make, write_inputs
 
 
 def run_openai(root: Path, source: Path, out_name="openai", **section) -> dict:
-    params = write_params(root / "openai_params.yaml", {"tau2_to_openai": section})
+    params = params_file(root / "openai_params.yaml", {"tau2_to_openai": section})
     return tau2_to_openai.main(["--params", str(params), "--input", str(source), "--out", str(root / out_name),
                                 "--metrics", str(root / "openai_metrics.json")])
 
 
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def decoded(row: dict) -> dict:
-    """A dataset row with its JSON-text columns decoded: the JSONL record again."""
-    return {key: value if key in ("messages", "parallel_tool_calls") else json.loads(value)
-            for key, value in row.items()}
 
 
 @pytest.fixture
@@ -42,7 +35,7 @@ def test_records_are_openai_chat_format(tmp_path, intermediate):
     assert record["tools"] == TOOLS and record["parallel_tool_calls"] is True
     assert record["metadata"] == {"simulation_id": "s1", "task_id": "t1", "trial": 0, "reward": 1.0,
                                   "domain": "telecom", "source": (tmp_path / "results" / "a_run.json").as_posix()}
-    system = tau2_make.AGENT_SYSTEM_PROMPT.replace("{policy}", POLICY.strip())
+    system = project_params()["tau2_make"]["system_prompt_template"].replace("{policy}", POLICY.strip())
 
     def call(call_id, name, arguments):
         return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
@@ -127,8 +120,6 @@ def test_ending_tool_call_turn_is_kept_and_later_messages_cut(tmp_path):
     assert record["parallel_tool_calls"] is False and record["metadata"] == {"simulation_id": "x", "task_id": "t1"}
     assert metrics["messages_cut_after_last_assistant"] == 2
     assert (tmp_path / "openai" / "test.jsonl").read_text() == ""
-    empty = load_openai_dataset(tmp_path / "openai" / "test.jsonl")
-    assert len(empty) == 0 and empty.column_names == ["messages", "tools", "parallel_tool_calls", "metadata"]
 
 
 def test_rerun_is_byte_identical(tmp_path, intermediate):
@@ -153,67 +144,18 @@ def test_shipped_sample_end_to_end(tmp_path):
     assert metrics["parallel_tool_call_turns"] > 0 and metrics["messages_cut_after_last_assistant"] > 0
     for split, split_records in records.items():
         check_invariants(split_records, sources)
-        dataset = load_openai_dataset(tmp_path / "openai" / f"{split}.jsonl")
-        assert [decoded(dataset[i]) for i in range(len(dataset))] == split_records
 
 
-# --- load_openai_dataset --------------------------------------------------------------------
-
-def awkward_records() -> list[dict]:
-    """Rows whose tools and messages differ in shape: what Arrow's struct merging gets wrong."""
-    nested = {"type": "function", "function": {"name": "create_support_ticket", "parameters": {
-        "type": "object", "properties": {"details": {"type": "object", "properties": {
-            "steps_tried": {"type": "array", "items": {"type": "string"}}}}}}}}
-    numeric = {"type": "function", "function": {"name": "refuel_data", "description": "Añadir datos",
-                                                "parameters": {"type": "object", "properties": {
-                                                    "gb_amount": {"type": "number", "maximum": 2.0,
-                                                                  "multipleOf": 0.1234567890123456}}}}}
-    return [
-        {"messages": [{"role": "system", "content": "policy ✈️"},
-                      {"role": "assistant", "content": None, "tool_calls": [
-                          {"id": "c1", "type": "function", "function": {
-                              "name": "create_support_ticket",
-                              "arguments": '{"details": {"steps_tried": ["reboot"]}}'}}]},
-                      {"role": "tool", "tool_call_id": "c1", "content": "123"},
-                      {"role": "assistant", "content": "Done."}],
-         "tools": [nested], "parallel_tool_calls": True, "metadata": {"simulation_id": "42", "trial": None}},
-        {"messages": [{"role": "system", "content": "policy"}, {"role": "user", "content": "{\"a\": 1}"},
-                      {"role": "assistant", "content": "ok"}],
-         "tools": [numeric, nested], "parallel_tool_calls": False,
-         "metadata": {"simulation_id": "7", "reward": 0.6666666666666666}},
-    ]
-
-
-def write_jsonl_lines(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def test_loader_round_trips_rows_that_arrow_would_merge(tmp_path):
-    from datasets import Dataset
-
-    records = awkward_records()
-    path = write_jsonl_lines(tmp_path / "train.jsonl", records)
-    dataset = load_openai_dataset(path)
-    assert len(dataset) == 2 and [decoded(dataset[i]) for i in range(2)] == records
-    assert [dataset[i]["messages"] for i in range(2)] == [r["messages"] for r in records]
-    assert dataset[0]["messages"][2]["content"] == "123" and dataset[1]["messages"][1]["content"] == '{"a": 1}'
-    assert json.loads(dataset[0]["messages"][1]["tool_calls"][0]["function"]["arguments"]) == \
-        {"details": {"steps_tried": ["reboot"]}}
-    # What plain Arrow inference makes of the same rows: keys merged across rows, holes filled with None.
-    assert Dataset.from_list(records)[0] != records[0]
-
-
-def test_loaded_dataset_feeds_the_chat_template_and_trl(tmp_path, intermediate, tiny_model_dir):
+def test_records_feed_the_chat_template_and_trl(tmp_path, intermediate, tiny_model_dir):
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     run_openai(tmp_path, intermediate)
-    dataset = load_openai_dataset(tmp_path / "openai" / "train.jsonl")
+    records = read_lines(tmp_path / "openai" / "train.jsonl")
+    dataset = chat_dataset(records)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = CHATML_TEMPLATE
-    text = tokenizer.apply_chat_template(dataset[0]["messages"], tools=json.loads(dataset[0]["tools"]),
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(records[0]["messages"], tools=records[0]["tools"], tokenize=False)
     assert '{"name": "get_customer_by_phone", "arguments": {"phone_number": "555-201-4410"}}' in text
     assert '"arguments": "{' not in text
 
@@ -225,25 +167,6 @@ def test_loaded_dataset_feeds_the_chat_template_and_trl(tmp_path, intermediate, 
     for row in prepared:
         trained = sum(label != -100 for label in row["labels"])
         assert 0 < trained < len(row["input_ids"])
-
-
-def test_loader_errors_name_the_line(tmp_path):
-    records = awkward_records()
-    path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(records[0]) + "\n{not json\n")
-    with pytest.raises(StageError, match=r"^.*bad\.jsonl:2: malformed JSON"):
-        load_openai_dataset(path)
-    write_jsonl_lines(path, [records[0], {"messages": []}])
-    with pytest.raises(StageError, match=r"^.*bad\.jsonl:2: keys \['messages'\] differ from line 1's"):
-        load_openai_dataset(path)
-    write_jsonl_lines(path, [records[0], {**records[1], "messages": "hi"}])
-    with pytest.raises(StageError, match=r"^.*bad\.jsonl:2: 'messages' must be a list$"):
-        load_openai_dataset(path)
-    # The smallest double, in a message: the JSON decoder datasets uses reads it back as 0.0.
-    odd = {**records[1], "messages": [{"role": "assistant", "content": "ok", "score": 5e-324}]}
-    write_jsonl_lines(path, [records[0], odd])
-    with pytest.raises(StageError, match=r"^.*bad\.jsonl:2: messages do not survive Arrow storage unchanged"):
-        load_openai_dataset(path)
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -282,6 +205,8 @@ BAD_INPUTS = [
     ("parallel calls refused", lambda source: None, {"parallel_tool_calls": False},
      r"^.*tau2\.json: splits\.train\[0\]\.messages\[5\]: assistant turn makes 2 tool calls but "
      r"tau2_to_openai\.parallel_tool_calls is false$"),
+    ("param missing", lambda source: None, {"parallel_tool_calls!": None},
+     r"^tau2_to_openai\.parallel_tool_calls: missing required key$"),
     ("bad param type", lambda source: None, {"parallel_tool_calls": "always"},
      r"^tau2_to_openai\.parallel_tool_calls: expected true or false, got a string 'always'$"),
 ]

@@ -7,13 +7,19 @@ from stages import token_analysis
 from stages.lib import StageError
 from stages.lib.chat import CHATML_TEMPLATE
 from stages.lib.models import load_tokenizer
+from stages.lib.token_lengths import max_length_for_loss, token_counts, truncation_loss_curve
 from tests.chats import chat, tool_chat, write_jsonl
-from tests.conftest import write_params
+from tests.conftest import params_file
+
 
 def run(tmp_path, data, tiny_model_dir, **section):
-    params = write_params(tmp_path / "params.yaml", {"token_analysis": section})
+    params = params_file(tmp_path / "params.yaml", {"token_analysis": section})
     return token_analysis.main(["--params", str(params), "--data", str(data), "--tokenizer", str(tiny_model_dir),
                                 "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "metrics.json")])
+
+
+def plot_data(out, name) -> list[dict]:
+    return json.loads((out / "plots" / "custom" / f"{name}.json").read_text())
 
 
 def reference_counts(records, tokenizer):
@@ -32,7 +38,7 @@ def reference_counts(records, tokenizer):
 def test_counts_match_the_tokenizers_own_assistant_mask(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     records = [{"tools": None, **chat(i)} for i in range(12)] + [tool_chat(i) for i in range(5)]
-    counts, positions = token_analysis.analyse(records, tokenizer, CHATML_TEMPLATE, remove_system=False)
+    counts, positions = token_counts(records, tokenizer, CHATML_TEMPLATE)
     totals, assistants, ref_positions = reference_counts(records, tokenizer)
     assert counts["total"].tolist() == totals.tolist()
     assert counts["assistant"].tolist() == assistants.tolist()
@@ -47,9 +53,9 @@ def test_counts_match_the_tokenizers_own_assistant_mask(tiny_model_dir):
 def test_truncation_curve_matches_recounting_every_cut(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     records = [{"tools": None, **chat(i)} for i in range(10)]
-    counts, positions = token_analysis.analyse(records, tokenizer, CHATML_TEMPLATE, remove_system=False)
+    counts, positions = token_counts(records, tokenizer, CHATML_TEMPLATE)
     grid = np.arange(16, counts["total"].max() + 16, 16)
-    curve = token_analysis.truncation_loss_curve(positions, counts["total"], grid)
+    curve = truncation_loss_curve(positions, counts["total"], grid)
     for point in curve:
         lost = 0
         for r in records:
@@ -64,7 +70,7 @@ def test_truncation_curve_matches_recounting_every_cut(tiny_model_dir):
 def test_cutoff_is_the_smallest_length_within_the_loss_budget(fraction):
     rng = np.random.default_rng(0)
     positions = rng.integers(0, 500, size=2000)
-    cutoff = token_analysis.max_length_for_loss(positions, fraction)
+    cutoff = max_length_for_loss(positions, fraction)
     budget = fraction * len(positions)
     assert (positions >= cutoff).sum() <= budget
     assert (positions >= cutoff - 1).sum() > budget
@@ -77,15 +83,17 @@ def test_stage_writes_curves_plot_and_metrics(tmp_path, tiny_model_dir):
     write_jsonl(data / "val.jsonl", [chat(i) for i in range(20, 25)])
     metrics = run(tmp_path, data, tiny_model_dir, step=32)
     assert metrics["examples"] == 25
-    curve = (tmp_path / "out" / "truncation_loss.tsv").read_text().splitlines()
-    assert curve[0].split("\t") == ["max_length", "assistant_tokens_lost", "assistant_tokens_lost_pct",
-                                    "examples_truncated_pct"]
-    lost = [int(line.split("\t")[1]) for line in curve[1:]]
+    curve = plot_data(tmp_path / "out", "truncation_loss")
+    assert list(curve[0]) == ["max_length", "assistant_tokens_lost", "assistant_tokens_lost_pct",
+                              "examples_truncated_pct"]
+    lost = [point["assistant_tokens_lost"] for point in curve]
     assert lost == sorted(lost, reverse=True) and lost[-1] == 0 and lost[0] > 0
-    assert int(curve[1].split("\t")[0]) == 32
+    assert curve[0]["max_length"] == 32
     assert (tmp_path / "out" / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    percentiles = (tmp_path / "out" / "length_percentiles.tsv").read_text().splitlines()
-    assert len(percentiles) == 22 and percentiles[0].startswith("percentile\ttotal\tsystem")
+    percentiles = plot_data(tmp_path / "out", "length_percentiles")
+    assert len(percentiles) == 21 and list(percentiles[0])[:3] == ["percentile", "total", "system"]
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()) \
+        == ["lengths.png", "plots/custom/length_percentiles.json", "plots/custom/truncation_loss.json"]
     assert metrics["total_p100"] >= metrics["total_p50"] > metrics["assistant_p50"] > 0
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
 
@@ -105,10 +113,10 @@ def test_remove_system_messages_and_sampling(tmp_path, tiny_model_dir):
 def test_outputs_are_deterministic(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "data.jsonl", [chat(i) for i in range(8)] + [tool_chat(1)])
     run(tmp_path, data, tiny_model_dir)
-    first = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    plot_files = sorted((tmp_path / "out" / "plots").rglob("*.json"))
+    first = {p: p.read_bytes() for p in plot_files}
     run(tmp_path, data, tiny_model_dir)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.suffix == ".tsv"} == \
-        {k: v for k, v in first.items() if k.endswith(".tsv")}
+    assert len(first) == 2 and {p: p.read_bytes() for p in plot_files} == first
 
 
 @pytest.mark.parametrize("content, message", [
@@ -133,6 +141,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, cont
     ({"chat_template": "model"}, r"^token_analysis\.chat_template: the model's chat template cannot mark assistant tokens"),
     ({"chat_template": "no/such.jinja"}, r"^token_analysis\.chat_template: expected auto, model, chatml or a template file"),
     ({"num_sample": 3}, r"^token_analysis\.num_sample: unknown key \(did you mean 'num_samples'\?\)$"),
+    ({"step!": None}, r"^token_analysis\.step: missing required key$"),
 ])
 def test_bad_params(tmp_path, tiny_model_dir, section, message):
     data = write_jsonl(tmp_path / "data.jsonl", [chat(0)])
