@@ -31,9 +31,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 @dataclass
 class BaseModelParams:
     source: str  # required: which model every later stage starts from
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    revision: str | None = None  # hub models only
-    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"]
+    revision: str | None  # hub models only
+    trust_remote_code: bool
 
 
 def load_source(params: BaseModelParams):

@@ -38,7 +38,7 @@ The ConvoKit reader is stages/lib/convokit.py; token bounds and truncation are s
 import argparse
 import html
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -60,10 +60,10 @@ DROP_REASONS = ("deleted", "removed", "empty", "op_reply", "excluded_speaker", "
 
 @dataclass
 class CmvPreprocessParams:
-    min_tokens: int = 16  # responses shorter than this (in base-model tokens) are dropped
-    max_tokens: int = 512  # ... and longer than this
-    max_context_tokens: int | None = 1024  # the context keeps its last this-many tokens; null: no limit
-    exclude_speakers: list[str] = field(default_factory=lambda: ["DeltaBot", "AutoModerator"])
+    min_tokens: int  # responses shorter than this (in base-model tokens) are dropped
+    max_tokens: int  # ... and longer than this
+    max_context_tokens: int | None  # the context keeps its last this-many tokens; null: no limit
+    exclude_speakers: list[str]
 
     def __post_init__(self):
         check_token_limits(self.min_tokens, self.max_tokens, self.max_context_tokens)

@@ -56,10 +56,10 @@ CP1252_C1 = {code: bytes([code]).decode("cp1252", errors="ignore") or chr(code) 
 
 @dataclass
 class P4gPreprocessParams:
-    min_tokens: int = 6  # persuader turns shorter than this (in base-model tokens) are dropped
-    max_tokens: int = 512  # ... and longer than this
-    max_context_tokens: int | None = 1024  # the context keeps its last this-many tokens; null: no limit
-    min_donation: float | None = None  # keep only dialogues whose persuadee donated at least this; null: all
+    min_tokens: int  # persuader turns shorter than this (in base-model tokens) are dropped
+    max_tokens: int  # ... and longer than this
+    max_context_tokens: int | None  # the context keeps its last this-many tokens; null: no limit
+    min_donation: float | None  # keep only dialogues whose persuadee donated at least this; null: all
 
     def __post_init__(self):
         check_token_limits(self.min_tokens, self.max_tokens, self.max_context_tokens)

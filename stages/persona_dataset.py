@@ -76,14 +76,14 @@ SYSTEM_PROMPT = (
 class PersonaDatasetParams:
     # drop-players: keep the game without its unfinished players; drop-games: drop any game
     # with an unfinished player; keep-all: keep unfinished players too.
-    incomplete_strategy: Literal["drop-players", "drop-games", "keep-all"] = "drop-players"
+    incomplete_strategy: Literal["drop-players", "drop-games", "keep-all"]
     # actual: N = number of kept players; config: N = CONFIG_playerCount.
-    player_count_source: Literal["actual", "config"] = "actual"
-    max_players: int | None = None  # drop games whose N is larger; null keeps all
-    val_ratio: float = 0.2
-    seed: int = 0
-    max_seq_len: int = 4096
-    min_response_tokens: int = 256  # drop a game whose prompt leaves fewer tokens than this for the answer
+    player_count_source: Literal["actual", "config"]
+    max_players: int | None  # drop games whose N is larger; null keeps all
+    val_ratio: float
+    seed: int
+    max_seq_len: int
+    min_response_tokens: int  # drop a game whose prompt leaves fewer tokens than this for the answer
 
     def __post_init__(self):
         if not 0.0 <= self.val_ratio < 1.0:

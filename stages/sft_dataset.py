@@ -36,24 +36,18 @@ log = get_logger("sft_dataset")
 
 SPLITS = ("train", "val", "test")
 SOURCES = ("cmv", "p4g")
-DEFAULT_SYSTEM_PROMPT = (
-    "You are taking part in a conversation in which you are trying to change someone's mind. "
-    "Read the conversation so far and write the next reply: respond to the other person's actual "
-    "points, give concrete reasons and evidence, acknowledge what they get right, and stay "
-    "respectful and honest."
-)
 
 
 @dataclass
 class SftDatasetParams:
-    use_cmv: bool = True
+    use_cmv: bool
     use_p4g: bool = True
-    max_examples: int | None = None  # a seeded sample of this many rows; null: all
-    train_ratio: float = 0.8
-    val_ratio: float = 0.1
-    test_ratio: float = 0.1
-    seed: int = 42
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_examples: int | None  # a seeded sample of this many rows; null: all
+    train_ratio: float
+    val_ratio: float
+    test_ratio: float
+    seed: int
+    system_prompt: str
 
     def __post_init__(self):
         if not (self.use_cmv or self.use_p4g):

@@ -7,11 +7,11 @@ import torch
 from stages import base_model
 from stages.lib import StageError
 from stages.lib.models import greedy_reply, load_causal_lm, load_tokenizer
-from tests.conftest import write_params
+from tests.conftest import params_file
 
 
 def run(tmp_path: Path, **section) -> dict:
-    params = write_params(tmp_path / "params.yaml", {"base_model": section})
+    params = params_file(tmp_path / "params.yaml", {"base_model": section})
     return base_model.main(["--params", str(params), "--out", str(tmp_path / "base"),
                             "--metrics", str(tmp_path / "metrics.json")])
 

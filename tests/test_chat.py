@@ -1,5 +1,7 @@
 import io
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ from stages.lib import StageError
 from stages.lib.chat import CHATML_TEMPLATE
 from stages.lib.policy import load_policy, write_stack
 from tests.chats import TOOLS
-from tests.conftest import REPO_ROOT, venv_env, write_params
+from tests.conftest import REPO_ROOT, venv_env
 from tests.tiny import build_model, build_tokenizer
 from tools import chat
 
@@ -42,7 +44,7 @@ def lora(model, seed: int):
 
 @pytest.fixture(scope="module")
 def agent_stack(tmp_path_factory, model_dir):
-    """An agent SFT adapter on the model, and a second adapter trained on top of it (stack.json)."""
+    """An SFT adapter trained with tools on the model, and a second adapter trained on top of it (stack.json)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -51,7 +53,7 @@ def agent_stack(tmp_path_factory, model_dir):
     sft, top = root / "sft", root / "dpo"
     lora(AutoModelForCausalLM.from_pretrained(str(model_dir)), seed=1).save_pretrained(str(sft))
     tokenizer.save_pretrained(str(sft))
-    (sft / "README.md").write_text("# SFT model: agent\n\n- Method: lora\n")
+    (sft / "tools.json").write_text(json.dumps(TOOLS))
     base = AutoModelForCausalLM.from_pretrained(str(model_dir))
     merged = PeftModel.from_pretrained(base, str(sft)).merge_and_unload()
     lora(merged, seed=2).save_pretrained(str(top))
@@ -119,14 +121,10 @@ def test_reset_clears_the_history_but_keeps_the_system_message(monkeypatch, caps
     assert "(history cleared)" in err and out.count("\n") == 2
 
 
-def test_an_agent_adapter_loads_with_its_stack_and_gets_the_pipeline_tools(tmp_path, monkeypatch, capsys, caplog,
-                                                                           model_dir, agent_stack):
+def test_an_adapter_loads_with_its_stack_and_gets_the_tools_it_was_trained_with(monkeypatch, capsys, caplog,
+                                                                                 model_dir, agent_stack):
     sft, top = agent_stack
-    tools_file = tmp_path / "tools.json"
-    tools_file.write_text(json.dumps(TOOLS))
-    params = write_params(tmp_path / "params.yaml", {"raw": {"tau2_tools": str(tools_file)}})
-    turns, _, _ = run_chat(monkeypatch, capsys, ["Where is order 7?", '/tool {"status": "shipped"}'],
-                               "--model", top, "--params", params)
+    turns, _, _ = run_chat(monkeypatch, capsys, ["Where is order 7?", '/tool {"status": "shipped"}'], "--model", top)
 
     # The tiny template cannot render tools, so the project's ChatML template does.
     messages = [user("Where is order 7?")]
@@ -137,7 +135,7 @@ def test_an_agent_adapter_loads_with_its_stack_and_gets_the_pipeline_tools(tmp_p
     assert json.dumps(TOOLS[0]) in turns[0]["prompt"] and "<tools>" in turns[0]["prompt"]
     assert turns[1]["prompt"].endswith(f'{reply}<|im_end|>\n<|im_start|>tool\n{{"status": "shipped"}}<|im_end|>\n'
                                        f"<|im_start|>assistant\n")
-    assert f"1 tools from {tools_file}" in caplog.text
+    assert "1 tools from the model's tools.json" in caplog.text
 
 
 def test_a_tools_file_reaches_the_prompt(tmp_path, monkeypatch, capsys, model_dir):
@@ -238,11 +236,20 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, model_dir, make_args, mess
         chat.main([str(a) for a in make_args(tmp_path, model_dir)])
 
 
-def test_an_agent_model_without_known_tools_says_how_to_give_them(tmp_path, agent_stack):
-    params = write_params(tmp_path / "params.yaml", {"raw": {}})
-    with pytest.raises(StageError, match=r"an agent model needs its tools \(.*params.yaml has no raw.tau2_tools\); "
-                                         r"pass --tools FILE"):
-        chat.main(["--model", str(agent_stack[1]), "--params", str(params)])
+def test_a_tools_file_overrides_the_models_own(tmp_path, monkeypatch, capsys, agent_stack):
+    other = [{"type": "function", "function": {"name": "refund", "parameters": {"type": "object"}}}]
+    tools_file = tmp_path / "other.json"
+    tools_file.write_text(json.dumps(other))
+    turns, _, _ = run_chat(monkeypatch, capsys, ["Where is order 7?"], "--model", agent_stack[1], "--tools", tools_file)
+    assert '"name": "refund"' in turns[0]["prompt"] and '"name": "lookup"' not in turns[0]["prompt"]
+
+
+def test_a_malformed_tools_file_in_the_stack_is_one_line_naming_it(tmp_path, model_dir, agent_stack):
+    sft, top = (shutil.copytree(path, tmp_path / path.name) for path in agent_stack)
+    (sft / "tools.json").write_text('[{"name": "lookup"}]')
+    write_stack(top, model_dir, [sft])
+    with pytest.raises(StageError, match=rf"^{re.escape(str(sft / 'tools.json'))}: tools\[0\]: expected"):
+        chat.main(["--model", str(top)])
 
 
 def test_the_command_line_prints_one_line_without_a_traceback(tmp_path):

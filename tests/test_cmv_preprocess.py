@@ -6,7 +6,7 @@ import pytest
 from stages import cmv_preprocess
 from stages.lib import StageError
 from stages.lib.models import load_tokenizer
-from tests.conftest import REPO_ROOT, write_params
+from tests.conftest import REPO_ROOT, params_file
 
 TITLE = "CMV: Cats are better pets than dogs"
 BODY = "Cats are independent &amp; clean.\n\n&gt; a cat is a gentleman\n\nDogs need walks twice a day."
@@ -54,7 +54,7 @@ def write_corpus(root: Path, layout: str = "old", thread=THREAD, conversation=CO
 
 
 def run(tmp_path: Path, tokenizer: Path, corpus: Path, out_name: str = "cmv.jsonl", **section) -> dict:
-    params = write_params(tmp_path / "params.yaml", {"cmv_preprocess": section})
+    params = params_file(tmp_path / "params.yaml", {"cmv_preprocess": section})
     return cmv_preprocess.main(["--params", str(params), "--corpus", str(corpus), "--tokenizer", str(tokenizer),
                                 "--out", str(tmp_path / out_name), "--metrics", str(tmp_path / f"{out_name}.metrics.json")])
 

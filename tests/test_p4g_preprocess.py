@@ -6,7 +6,7 @@ import pytest
 from stages import p4g_preprocess
 from stages.lib import StageError
 from stages.lib.models import load_tokenizer
-from tests.conftest import REPO_ROOT, write_params
+from tests.conftest import REPO_ROOT, params_file
 
 # (Turn, role, text) rows of one dialogue as the raw release has them: turn 1 of the persuader is
 # split over two rows, and the texts use Latin-1 characters.
@@ -86,7 +86,7 @@ def write_convokit(root: Path, layout: str = "current") -> Path:
 
 
 def run(tmp_path: Path, tokenizer: Path, corpus: Path, out_name: str = "p4g.jsonl", **section) -> dict:
-    params = write_params(tmp_path / "params.yaml", {"p4g_preprocess": section})
+    params = params_file(tmp_path / "params.yaml", {"p4g_preprocess": section})
     return p4g_preprocess.main(["--params", str(params), "--corpus", str(corpus), "--tokenizer", str(tokenizer),
                                 "--out", str(tmp_path / out_name), "--metrics", str(tmp_path / f"{out_name}.metrics.json")])
 

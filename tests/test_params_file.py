@@ -1,12 +1,13 @@
 """Every section of the shipped params.yaml parses into its stage's dataclass."""
 
+import dataclasses
 import re
-from pathlib import Path
+import typing
 
 import pytest
 import yaml
 
-from stages import dpo, sft
+from stages import dpo, rl, sft
 from stages.base_model import BaseModelParams
 from stages.cmv_preprocess import CmvPreprocessParams
 from stages.evaluate import EvaluateParams
@@ -14,6 +15,7 @@ from stages.generate_preferences import GeneratePreferencesParams
 from stages.label_ai import LabelAIParams
 from stages.label_human import LabelHumanParams
 from stages.lib.params import load_params, parse_section
+from stages.lib.training import load_variant_params, trainer_config
 from stages.p4g_preprocess import P4gPreprocessParams
 from stages.persona_dataset import PersonaDatasetParams
 from stages.reward_model import RewardModelParams
@@ -60,10 +62,12 @@ def test_section_parses(section):
 
 
 def test_every_sft_workflow_parses_and_has_a_stage():
+    from trl import SFTConfig
+
     workflows = set(params()["sft"]) - {"defaults"}
     for workflow in workflows:
-        config = sft.trainer_config(sft.load_sft_params(REPO_ROOT / "params.yaml", workflow)[0], workflow,
-                                    REPO_ROOT / "checkpoints", "fp32")
+        run = load_variant_params(REPO_ROOT / "params.yaml", "sft", workflow, sft.SFTParams)
+        config = trainer_config(SFTConfig, run.params.trainer, f"{run.key}.trainer", REPO_ROOT / "checkpoints", "fp32")
         assert config.assistant_only_loss and not config.gradient_checkpointing
     dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
     assert set(dvc_yaml["stages"]["sft"]["foreach"]) == workflows
@@ -72,11 +76,41 @@ def test_every_sft_workflow_parses_and_has_a_stage():
 def test_every_dpo_variant_parses_and_has_a_stage():
     variants = set(params()["dpo"]) - {"defaults"}
     for variant in variants:
-        parsed = dpo.load_variant_params(REPO_ROOT / "params.yaml", "dpo", variant, dpo.DPOParams)[0]
-        config = dpo.trainer_config(parsed, variant, REPO_ROOT / "checkpoints", "fp32")
-        assert config.max_length > parsed.max_prompt_tokens and not config.gradient_checkpointing
+        run = load_variant_params(REPO_ROOT / "params.yaml", "dpo", variant, dpo.DPOParams)
+        config = dpo.dpo_config(run, REPO_ROOT / "checkpoints", "fp32")
+        assert config.max_length > run.params.max_prompt_tokens and not config.gradient_checkpointing
     dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
     assert set(dvc_yaml["stages"]["dpo"]["foreach"]) == variants
+
+
+def test_every_rl_algorithm_config_builds_from_its_trainer_block():
+    for algorithm in ("ppo", "grpo", "rloo"):
+        section = {**params()["rl"], "algorithm": algorithm}
+        parsed = parse_section({"rl": section}, "rl", RLParams)
+        config = rl.rl_config(parsed, REPO_ROOT / "checkpoints", "fp32")
+        assert config.learning_rate == parsed.learning_rate and config.seed == parsed.seed
+
+
+def own_dataclasses(cls, seen=None):
+    """`cls` and the project's dataclasses nested in its fields (library configs are theirs to default)."""
+    seen = seen if seen is not None else []
+    if dataclasses.is_dataclass(cls) and cls.__module__.startswith("stages") and cls not in seen:
+        seen.append(cls)
+        for field in dataclasses.fields(cls):
+            for inner in [field.type, *typing.get_args(field.type)]:
+                own_dataclasses(inner, seen)
+    return seen
+
+
+@pytest.mark.parametrize("cls", [*SECTIONS.values(), sft.SFTParams, dpo.DPOParams], ids=lambda c: c.__name__)
+def test_params_yaml_is_the_only_place_a_value_is_set(cls):
+    """No params field has a code default that could differ from params.yaml: the parser requires every key."""
+    for inner in own_dataclasses(typing.get_type_hints(cls) and cls):
+        hints = typing.get_type_hints(inner)
+        for field in dataclasses.fields(inner):
+            field.type = hints[field.name]
+            assert field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING, \
+                f"{inner.__name__}.{field.name} has a code default"
 
 
 def test_every_params_section_is_read_by_a_stage():

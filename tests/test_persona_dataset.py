@@ -8,7 +8,7 @@ import pytest
 from stages import persona_dataset
 from stages.lib import StageError
 from stages.lib.models import load_tokenizer
-from tests.conftest import REPO_ROOT, write_params
+from tests.conftest import REPO_ROOT, params_file
 
 CONFIG_DEFAULTS = {
     "CONFIG_treatmentName": "3p_10r_nochat",
@@ -66,7 +66,7 @@ def run(tmp_path: Path, tokenizer: Path, summaries: list, configs: list[dict] | 
     if configs is None:
         configs = [config_row(g) for g in sorted({s["experiment"] for s in summaries if isinstance(s, dict)})]
     section = {"val_ratio": 0.0, "max_seq_len": 100_000, "min_response_tokens": 1, **section}
-    params = write_params(tmp_path / "params.yaml", {"persona_dataset": section})
+    params = params_file(tmp_path / "params.yaml", {"persona_dataset": section})
     return persona_dataset.main([
         "--params", str(params),
         "--summaries", str(write_summaries(tmp_path / "summaries.jsonl", summaries)),
@@ -312,7 +312,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, case
 @pytest.mark.parametrize("column", ["gameId", "CONFIG_showRewardId"])
 def test_config_csv_missing_a_column_names_it(tmp_path, tiny_model_dir, column):
     configs = write_configs(tmp_path / "configs.csv", [config_row("g1")], [c for c in COLUMNS if c != column])
-    params = write_params(tmp_path / "params.yaml", {"persona_dataset": {}})
+    params = params_file(tmp_path / "params.yaml", {"persona_dataset": {}})
     with pytest.raises(StageError, match=rf"^{re.escape(str(configs))}:1: missing required column '{column}'$"):
         persona_dataset.main(["--params", str(params),
                               "--summaries", str(write_summaries(tmp_path / "s.jsonl", GOOD)),
@@ -323,7 +323,7 @@ def test_config_csv_missing_a_column_names_it(tmp_path, tiny_model_dir, column):
 
 def test_shipped_sample_data(tmp_path, tiny_model_dir):
     raw = REPO_ROOT / "data" / "raw" / "pgg"
-    params = write_params(tmp_path / "params.yaml", {"persona_dataset": {"max_seq_len": 50_000}})
+    params = params_file(tmp_path / "params.yaml", {"persona_dataset": {"max_seq_len": 50_000}})
 
     def build(out: str, params_path: Path = params) -> dict:
         return persona_dataset.main([
@@ -364,5 +364,5 @@ def test_shipped_sample_data(tmp_path, tiny_model_dir):
             assert {line.strip() for line in entry["text"].splitlines()} >= set(headers)
     assert kept_players == metrics["players_kept"]
 
-    capped = write_params(tmp_path / "capped.yaml", {"persona_dataset": {"max_seq_len": 50_000, "max_players": 6}})
+    capped = params_file(tmp_path / "capped.yaml", {"persona_dataset": {"max_seq_len": 50_000, "max_players": 6}})
     assert build("capped", capped)["games_dropped_too_many_players"] >= 1

@@ -5,9 +5,7 @@ import pytest
 from stages.lib import StageError
 from stages.lib.records import (LabelledPair, PoolRecord, read_labelled_pairs, read_pool, read_starters,
                                 split_starters, write_labelled_pairs, write_pool)
-from tests.conftest import REPO_ROOT
 
-STARTERS = REPO_ROOT / "data" / "raw" / "starters" / "starters.jsonl"
 PROMPT = [{"role": "user", "content": "CMV: tipping should go."}]
 
 
@@ -43,16 +41,6 @@ def test_bad_labelled_pairs_name_file_and_line(tmp_path, line, message):
     good = {"prompt": PROMPT, "chosen": "a", "rejected": "b", "metadata": {}}
     with pytest.raises(StageError, match=message):
         read_labelled_pairs(write_lines(tmp_path / "pairs.jsonl", [good, line]))
-
-
-def test_shipped_starters_split_by_seed():
-    starters = read_starters(STARTERS)
-    assert len(starters) >= 50 and len({s["id"] for s in starters}) == len(starters)
-    train, held_out = split_starters(starters, 42, 8, 8, STARTERS)
-    assert len(held_out) == 8 and len(train) == len(starters) - 8
-    assert {s["id"] for s in train}.isdisjoint(s["id"] for s in held_out)
-    assert (train, held_out) == split_starters(starters, 42, 8, 8, STARTERS)
-    assert held_out != split_starters(starters, 1, 8, 8, STARTERS)[1]
 
 
 def test_a_split_that_leaves_too_few_training_starters_names_the_key(tmp_path):

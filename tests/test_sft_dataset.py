@@ -6,7 +6,7 @@ import pytest
 
 from stages import cmv_preprocess, p4g_preprocess, sft_dataset
 from stages.lib import StageError
-from tests.conftest import REPO_ROOT, write_params
+from tests.conftest import REPO_ROOT, params_file, project_params
 
 
 def make_rows(source: str, conversations: int, seed: int) -> list[dict]:
@@ -33,7 +33,7 @@ def inputs(tmp_path) -> tuple[Path, Path]:
 
 
 def run(tmp_path: Path, cmv: Path | None, p4g: Path | None, out_name: str = "sft", **section) -> dict:
-    params = write_params(tmp_path / "params.yaml", {"sft_dataset": section})
+    params = params_file(tmp_path / "params.yaml", {"sft_dataset": section})
     argv = ["--params", str(params), "--out", str(tmp_path / out_name), "--metrics", str(tmp_path / f"{out_name}.json")]
     argv += ["--cmv", str(cmv)] if cmv else []
     argv += ["--p4g", str(p4g)] if p4g else []
@@ -91,7 +91,7 @@ def test_same_seed_same_bytes_other_seed_other_split(tmp_path, inputs):
 def test_default_system_prompt(tmp_path, inputs):
     run(tmp_path, *inputs)
     record = read_split(tmp_path / "sft", "train")[0]
-    assert record["messages"][0] == {"role": "system", "content": sft_dataset.DEFAULT_SYSTEM_PROMPT}
+    assert record["messages"][0] == {"role": "system", "content": project_params()["sft_dataset"]["system_prompt"]}
 
 
 def test_max_examples_is_a_seeded_sample_not_the_head(tmp_path, inputs):
@@ -111,7 +111,7 @@ def test_a_disabled_source_needs_no_file(tmp_path, inputs):
 
 
 def test_shipped_sample_end_to_end(tmp_path, tiny_model_dir):
-    params = write_params(tmp_path / "params.yaml", {
+    params = params_file(tmp_path / "params.yaml", {
         "cmv_preprocess": {"min_tokens": 16, "max_tokens": 4096, "max_context_tokens": 1024},
         "p4g_preprocess": {"min_tokens": 6, "max_tokens": 512, "max_context_tokens": 1024},
         "sft_dataset": {},

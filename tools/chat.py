@@ -3,9 +3,9 @@
 In:  --model  models/base, an adapter directory (models/sft/agent, models/dpo/rlaif; its stack.json
               adapters are merged in) or any model directory; its tokenizer's chat template renders
               the conversation
-     --tools  a JSON list of OpenAI function schemas for the template; an agent-workflow model
-              (its card, or one in its adapter stack, says "# SFT model: agent") gets `raw.tau2_tools`
-              from params.yaml without it
+     --tools  a JSON list of OpenAI function schemas for the template; without it, a model trained on
+              chats with tools gets the tools it was trained with (the tools.json in its directory, or
+              in an adapter of its stack)
 Out: the model's replies on stdout, streamed token by token when stdout is a terminal; tool calls
      in the reply (`<tool_call>{"name", "arguments"}</tool_call>`, the project's ChatML format) are
      printed as `[tool call] name {arguments}` and not executed
@@ -28,42 +28,20 @@ from typing import Sequence
 from stages.lib import StageError, run_stage
 from stages.lib.chat import resolve_chat_template
 from stages.lib.log import get_logger
-from stages.lib.params import DEFAULT_PARAMS, load_params
-from stages.lib.policy import load_policy, policy_stack, require_policy_dir
-from stages.tau2_make import read_tools
+from stages.lib.policy import load_policy, require_policy_dir
+from stages.lib.tools import MODEL_TOOLS_FILE, read_model_tools, read_tools
 
 log = get_logger("chat")
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-AGENT_CARD = re.compile(r"#\s*SFT model:\s*agent\s*$")  # the first line stages/sft.py writes in the agent card
 COMMANDS = "/reset clears the history, /tool TEXT answers a tool call, /exit quits"
 
 
-def is_agent_model(path: Path) -> bool:
-    """Whether the model, or an adapter it sits on, was fine-tuned by the agent workflow."""
-    _, adapters = policy_stack(path)
-    for directory in dict.fromkeys([path, *adapters]):
-        card = directory / "README.md"
-        if card.is_file():
-            lines = card.read_text(encoding="utf-8", errors="replace").splitlines()
-            if lines and AGENT_CARD.match(lines[0]):
-                return True
-    return False
-
-
-def chat_tools(model_dir: Path, tools_file: Path | None, params_file: str) -> tuple[list[dict] | None, Path | None]:
-    """The tool schemas for the template and the file they came from; None when there are none."""
-    if tools_file is None and is_agent_model(model_dir):
-        found = Path(params_file).is_file()
-        params = load_params(params_file) if found else {}
-        raw = params.get("raw") if isinstance(params.get("raw"), dict) else {}
-        if not raw.get("tau2_tools"):
-            where = f"{params_file} has no raw.tau2_tools" if found else f"{params_file} not found"
-            raise StageError(f"--model {model_dir}: an agent model needs its tools ({where}); pass --tools FILE")
-        tools_file = Path(raw["tau2_tools"])
-    if tools_file is None:
-        return None, None
-    return read_tools(tools_file)[0], tools_file
+def chat_tools(model_dir: Path, tools_file: Path | None) -> tuple[list[dict] | None, str]:
+    """The tool schemas for the template (None when there are none), and where they came from."""
+    if tools_file is not None:
+        return read_tools(tools_file)[0], str(tools_file)
+    return read_model_tools(model_dir), f"the model's {MODEL_TOOLS_FILE}"
 
 
 def format_tool_call(raw: str, complete: bool = True) -> str:
@@ -221,11 +199,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, help="seed for sampling")
-    parser.add_argument("--params", default=DEFAULT_PARAMS, help="where an agent model's raw.tau2_tools is read")
     args = parser.parse_args(argv)
 
     model_dir = require_policy_dir(args.model, "--model")
-    tools, tools_file = chat_tools(model_dir, args.tools, args.params)
+    tools, tools_source = chat_tools(model_dir, args.tools)
 
     import torch
     from transformers import set_seed
@@ -239,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.seed is not None:
         set_seed(args.seed)
     own = "the model's" if template == tokenizer.chat_template else "the project's ChatML"
-    tool_note = f", {len(tools)} tools from {tools_file}" if tools else ""
+    tool_note = f", {len(tools)} tools from {tools_source}" if tools else ""
     log.info("chatting with %s (%s chat template%s); %s", model_dir, own, tool_note, COMMANDS)
 
     chat = Chat(model, tokenizer, template, tools, args.system, generation)
