@@ -1,11 +1,14 @@
-"""Training tokens/s of the `sft` stage's configuration against trl's defaults and the machine's bound.
+"""Training tokens/s of the `sft` stage with the project's params against trl's defaults and the machine's bound.
 
-One run, same model, same data, same number of steps, each configuration in its own process
-(so each peak RSS is its own):
-  stage     the SFTConfig the `sft` stage builds from params.yaml (sft.defaults + the workflow)
-  defaults  plain trl SFTConfig() (use_cpu=True on a CPU; only bookkeeping fields set)
+One run, same model, same data, same number of steps; both configurations run the stage itself
+(`python -m stages.sft`, each in its own process, so each peak memory is its own), and their figures
+are read from the metrics JSON the stage writes (tokens_per_second, tokens_seen, peak_memory_mb):
+  stage     params.yaml as it is: sft.defaults with sft.<workflow> on top
+  defaults  the same params with every `trainer:` key removed, so trl's SFTConfig defaults apply, and
+            precision bf16, which trl's defaults ask for
   bound     measured fp32 matmul FLOP/s / (4 x parameters): forward plus the input-gradient
             half of backward per token, which is all LoRA needs (frozen weights get no gradient)
+Both runs train --steps optimizer steps with no evaluation or checkpoint inside the timed loop.
 
     python benchmarks/sft_throughput.py --workflow persuasion --steps 3
 
@@ -24,8 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+DATA = {"persona": "data/persona/train.jsonl", "persuasion": "data/persuasion/sft/train.jsonl",
+        "agent": "data/agent/openai/train.jsonl"}
 
 
 def matmul_flops(size: int = 1024, repeats: int = 20) -> float:
@@ -43,52 +51,89 @@ def matmul_flops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / best
 
 
-def short_records(path: Path, tokenizer, template: str, max_tokens: int) -> list[dict]:
-    from stages.lib.chat import read_chat_records, tokenize_chats
+def write_short_records(source: Path, model: Path, max_tokens: int, out: Path) -> int:
+    """The conversations of `source` at most `max_tokens` long (rendered with the project's ChatML template)."""
+    from stages.lib.chat import CHATML_TEMPLATE, tokenize_chats
+    from stages.lib.io import write_jsonl
+    from stages.lib.models import load_tokenizer
+    from stages.lib.records import read_chat_records
 
-    records = read_chat_records(path)
-    lengths = tokenize_chats(records, tokenizer, template)
-    return [r for r, t in zip(records, lengths) if t.n_tokens <= max_tokens]
+    records = read_chat_records(source)
+    lengths = tokenize_chats(records, load_tokenizer(model), CHATML_TEMPLATE)
+    short = [{"messages": r["messages"], "tools": r["tools"]} for r, t in zip(records, lengths)
+             if t.n_tokens <= max_tokens]
+    if not short:
+        sys.exit(f"{source}: no conversation is at most {max_tokens} tokens long")
+    return write_jsonl(out, short)
 
 
-def train_once(which: str, args) -> dict:
-    """Run `steps` optimizer steps of one configuration; report tokens, seconds, peak RSS."""
-    import resource
+def run_params(workflow: str, steps: int, trl_defaults: bool) -> dict:
+    """params.yaml for one run: the project's, or with trl's trainer defaults; the timed loop only trains."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    sections = params["sft"]
+    if trl_defaults:
+        sections["defaults"].update(trainer={}, precision="bf16")
+        sections[workflow]["trainer"] = {}
+    sections[workflow]["max_eval_examples"] = 2
+    sections[workflow]["trainer"] = {**(sections[workflow].get("trainer") or {}), "max_steps": steps,
+                                     "eval_strategy": "no", "save_strategy": "no", "logging_steps": steps,
+                                     "include_num_input_tokens_seen": "non_padding", "disable_tqdm": True}
+    return params
 
+
+def trainer_setting(params: dict, workflow: str, field: str):
+    from trl import SFTConfig
+
+    merged = {**(params["sft"]["defaults"].get("trainer") or {}), **params["sft"][workflow]["trainer"]}
+    return merged.get(field, SFTConfig.__dataclass_fields__[field].default)
+
+
+def run_stage(which: str, params: dict, args, data: Path, work: Path) -> dict:
+    """One run of `python -m stages.sft`; its metrics JSON with the settings that differ between the runs."""
+    run_dir = work / which
+    run_dir.mkdir()
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    command = [sys.executable, "-m", "stages.sft", "--params", str(run_dir / "params.yaml"), "--name", args.workflow,
+               "--model", str(args.model), "--train", str(data), "--eval", str(data), "--out", str(run_dir / "model"),
+               "--metrics", str(run_dir / "metrics.json"), "--plots", str(run_dir / "plots"),
+               "--checkpoints", str(run_dir / "checkpoints")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if result.returncode != 0:
+        sys.exit(f"{which} run failed: {' '.join(command)}\n{result.stderr[-3000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {**metrics, "batch": trainer_setting(params, args.workflow, "per_device_train_batch_size"),
+            "checkpointing": trainer_setting(params, args.workflow, "gradient_checkpointing")}
+
+
+def model_parameters(model: Path) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from stages import sft
-    from stages.lib.chat import CHATML_TEMPLATE, chat_dataset
-    from stages.lib.models import resolve_precision
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters())
 
-    params, _ = sft.load_sft_params(str(ROOT / "params.yaml"), args.workflow)
-    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-    tokenizer.chat_template = CHATML_TEMPLATE  # renders plain chats exactly as the model's own template
-    records = short_records(args.data, tokenizer, CHATML_TEMPLATE, args.max_tokens)
-    output_dir = tempfile.mkdtemp()
-    bookkeeping = dict(max_steps=args.steps, save_strategy="no", eval_strategy="no", report_to="none",
-                       logging_steps=args.steps, include_num_input_tokens_seen="non_padding", disable_tqdm=True)
-    if which == "stage":
-        config = sft.trainer_config(params, args.workflow, Path(output_dir), resolve_precision(params.precision))
-        for key, value in bookkeeping.items():
-            setattr(config, key, value)
-    else:
-        config = SFTConfig(output_dir=output_dir, use_cpu=not torch.cuda.is_available(), **bookkeeping)
-    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=chat_dataset(records), processing_class=tokenizer,
-                         peft_config=sft.lora_config(params))
-    result = trainer.train()
-    return {
-        "tokens": int(trainer.state.num_input_tokens_seen),
-        "seconds": result.metrics["train_runtime"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "batch": config.per_device_train_batch_size,
-        "bf16": config.bf16,
-        "gradient_checkpointing": config.gradient_checkpointing,
-        "examples": len(records),
-    }
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor())
+    return f"{cpu}, {os.cpu_count()} cpus"
+
+
+def report(results: dict, flops: float, parameters: int, args, examples: int) -> str:
+    stage, defaults = results["stage"], results["defaults"]
+    bound = flops / (4 * parameters)
+    speed, baseline = stage["tokens_per_second"], defaults["tokens_per_second"]
+    return (f"sft_throughput: {speed / baseline:.1f}x trl defaults (target >= 1.5), {speed / bound:.0%} of bound "
+            f"(target >= 50%), peak RSS {stage['peak_memory_mb'] / 1024:.2f} GB (target <= 4) | "
+            f"stage {speed:.0f} tok/s ({stage['tokens_seen']} tokens, batch {stage['batch']}, "
+            f"{stage['precision']}, checkpointing {stage['checkpointing']}), defaults {baseline:.1f} tok/s "
+            f"({defaults['tokens_seen']} tokens, batch {defaults['batch']}, {defaults['precision']}, checkpointing "
+            f"{defaults['checkpointing']}, peak RSS {defaults['peak_memory_mb'] / 1024:.2f} GB), "
+            f"bound {bound:.0f} tok/s ({flops / 1e9:.0f} GFLOP/s, {parameters / 1e6:.1f}M params) | {args.steps} "
+            f"steps, {examples} conversations <= {args.max_tokens} tokens from {args.data} | {machine()}")
 
 
 def main() -> None:
@@ -98,45 +143,16 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models/base")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=256, help="use conversations up to this long")
-    parser.add_argument("--run", choices=["stage", "defaults"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.data is None:
-        args.data = ROOT / {"persona": "data/persona/train.jsonl", "persuasion": "data/persuasion/sft/train.jsonl",
-                            "agent": "data/agent/openai/train.jsonl"}[args.workflow]
+    args.data = args.data or ROOT / DATA[args.workflow]
 
-    if args.run:
-        print("RESULT " + json.dumps(train_once(args.run, args)))
-        return
-
-    results = {}
-    for which in ("stage", "defaults"):
-        command = [sys.executable, __file__, "--run", which, "--workflow", args.workflow, "--data", str(args.data),
-                   "--model", str(args.model), "--steps", str(args.steps), "--max-tokens", str(args.max_tokens)]
-        output = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
-        if output.returncode != 0 or not lines:
-            sys.exit(f"{which} run failed:\n{output.stderr[-3000:]}")
-        results[which] = json.loads(lines[-1][len("RESULT "):])
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with __import__("torch").device("meta"):
-        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model)).parameters())
-    flops = matmul_flops()
-    bound = flops / (4 * parameters)
-    stage = results["stage"]["tokens"] / results["stage"]["seconds"]
-    defaults = results["defaults"]["tokens"] / results["defaults"]["seconds"]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    print(f"sft_throughput: {stage / defaults:.1f}x trl defaults (target >= 1.5), {stage / bound:.0%} of bound "
-          f"(target >= 50%), peak RSS {results['stage']['peak_rss_mb'] / 1024:.2f} GB (target <= 4) | "
-          f"stage {stage:.0f} tok/s (batch {results['stage']['batch']}, bf16 {results['stage']['bf16']}, "
-          f"checkpointing {results['stage']['gradient_checkpointing']}), defaults {defaults:.1f} tok/s "
-          f"(batch {results['defaults']['batch']}, bf16 {results['defaults']['bf16']}, checkpointing "
-          f"{results['defaults']['gradient_checkpointing']}, peak RSS {results['defaults']['peak_rss_mb'] / 1024:.2f} GB), "
-          f"bound {bound:.0f} tok/s ({flops / 1e9:.0f} GFLOP/s, {parameters / 1e6:.1f}M params) | {args.steps} steps, "
-          f"{results['stage']['examples']} conversations <= {args.max_tokens} tokens from {args.data} | "
-          f"{cpu}, {os.cpu_count()} cpus")
+    with tempfile.TemporaryDirectory(prefix="sft-throughput-") as tmp:
+        work = Path(tmp)
+        examples = write_short_records(args.data, args.model, args.max_tokens, work / "train.jsonl")
+        results = {which: run_stage(which, run_params(args.workflow, args.steps, which == "defaults"), args,
+                                    work / "train.jsonl", work)
+                   for which in ("stage", "defaults")}
+    print(report(results, matmul_flops(), model_parameters(args.model), args, examples))
 
 
 if __name__ == "__main__":

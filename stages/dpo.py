@@ -36,7 +36,7 @@ from stages.lib.params import DEFAULT_PARAMS
 from stages.lib.policy import load_merged, policy_stack, require_policy_dir
 from stages.lib.records import read_labelled_pairs
 from stages.lib.training import (LoraParams, Section, is_main_process, live_callbacks, load_variant_params,
-                                 model_card, model_config, peft_config, refuse_stage_fields, save_trained,
+                                 model_card, model_config, refuse_stage_fields, save_trained,
                                  trainer_config, training_precision)
 
 log = get_logger("dpo")
@@ -203,13 +203,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     data = load_pairs(args, run, tokenizer)
 
-    from trl import DPOTrainer
+    from trl import DPOTrainer, get_peft_config
 
     model_args = model_config(params.method, params.lora, precision)
     # Full fine-tuning needs its own frozen copy of the start policy; a LoRA's reference is its base.
     trainer = DPOTrainer(model=load_merged(args.start), ref_model=load_merged(args.start) if params.method == "full"
                          else None, args=config, train_dataset=data["train"], eval_dataset=data["eval"],
-                         processing_class=tokenizer, peft_config=peft_config(model_args),
+                         processing_class=tokenizer, peft_config=get_peft_config(model_args),
                          callbacks=live_callbacks(args.plots))
     metrics = {**train_and_evaluate(trainer, data, params.eval_before), "precision": precision,
                "method": params.method}

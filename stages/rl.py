@@ -43,7 +43,7 @@ from stages.lib.policy import load_merged, policy_stack, require_policy_dir
 from stages.lib.records import read_starters, split_starters
 from stages.lib.reward import REWARD_CONFIG, load_reward_fn
 from stages.lib.training import (LoraParams, check_qlora, live_callbacks, load_trainable, model_card, model_config,
-                                 peft_config, refuse_stage_fields, save_trained, trainer_config, training_precision)
+                                 refuse_stage_fields, save_trained, trainer_config, training_precision)
 
 log = get_logger("rl")
 
@@ -264,11 +264,13 @@ def build_trainer(params: RLParams, config, start_dir: Path, reference, tokenize
     """The trl trainer for `params.algorithm`; `reference` is the frozen starting policy (None with LoRA)."""
     from datasets import Dataset
 
+    from trl import get_peft_config
+
     model_args = model_config(params.method, params.lora, precision)
     policy = load_start_policy(start_dir, model_args, work)
     if params.algorithm == "ppo":
         return ppo_trainer(params, config, policy, reference, tokenizer, reward_dir, train, held_out, callbacks,
-                           peft_config(model_args))
+                           get_peft_config(model_args))
 
     from trl import GRPOTrainer, RLOOTrainer
 
@@ -281,7 +283,8 @@ def build_trainer(params: RLParams, config, start_dir: Path, reference, tokenize
     trainer_class = GRPOTrainer if params.algorithm == "grpo" else RLOOTrainer
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": r["prompt"]}] for r in train]})
     return trainer_class(model=policy, reward_funcs=style_reward_fn(reward_fn), args=config, train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=peft_config(model_args), callbacks=callbacks)
+                         processing_class=tokenizer, peft_config=get_peft_config(model_args),
+                         callbacks=callbacks)
 
 
 def trained_policy(trainer, algorithm: str):

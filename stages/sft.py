@@ -35,7 +35,7 @@ from stages.lib.models import load_tokenizer, peak_memory_mb, require_model_dir
 from stages.lib.params import DEFAULT_PARAMS
 from stages.lib.records import read_chat_records
 from stages.lib.training import (LoraParams, Section, check_qlora, checkpoint_dir, is_main_process, live_callbacks,
-                                 load_trainable, load_variant_params, model_card, model_config, peft_config,
+                                 load_trainable, load_variant_params, model_card, model_config,
                                  refuse_stage_fields, save_trained, trainer_config, training_precision)
 
 log = get_logger("sft")
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if params.method == "qlora":
         check_qlora(f"{run.key}.method")
     output_dir = checkpoint_dir(args.checkpoints / args.name, run.values, [args.train, args.eval], args.model)
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer, get_peft_config
 
     config = trainer_config(SFTConfig, params.trainer, f"{run.key}.trainer", output_dir, precision, run.where)
     check_packing(config, run.key)
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model_args = model_config(params.method, params.lora, precision)
     trainer = SFTTrainer(model=load_trainable(args.model, model_args), args=config, train_dataset=chat_dataset(train),
                          eval_dataset=chat_dataset(held_out), processing_class=tokenizer,
-                         peft_config=peft_config(model_args), callbacks=live_callbacks(args.plots))
+                         peft_config=get_peft_config(model_args), callbacks=live_callbacks(args.plots))
     base_eval, result, final_eval, elapsed = train_resumable(trainer, output_dir)
     metrics = {**sft_metrics(trainer, result, base_eval, final_eval, elapsed,
                              {"train_examples": len(train), "eval_examples": len(held_out), **counts}),

@@ -126,12 +126,6 @@ def model_config(method: str, lora: LoraParams, precision: str):
                        dtype=compute if method == "qlora" else "float32")
 
 
-def peft_config(config):
-    from trl import get_peft_config
-
-    return get_peft_config(config)
-
-
 def load_trainable(model_dir: Path, config):
     """A causal LM to train: fp32 weights (autocast runs bf16 / fp16), or frozen 4-bit weights for qlora."""
     import torch
