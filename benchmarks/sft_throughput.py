@@ -8,7 +8,8 @@ are read from the metrics JSON the stage writes (tokens_per_second, tokens_seen,
             precision bf16, which trl's defaults ask for
   bound     measured fp32 matmul FLOP/s / (4 x parameters): forward plus the input-gradient
             half of backward per token, which is all LoRA needs (frozen weights get no gradient)
-Both runs train --steps optimizer steps with no evaluation or checkpoint inside the timed loop.
+Both runs render the chats with the project's ChatML template and train --steps optimizer steps with
+no evaluation or checkpoint inside the timed loop.
 
     python benchmarks/sft_throughput.py --workflow persuasion --steps 3
 
@@ -71,10 +72,13 @@ def run_params(workflow: str, steps: int, trl_defaults: bool) -> dict:
     """params.yaml for one run: the project's, or with trl's trainer defaults; the timed loop only trains."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     sections = params["sft"]
+    sections[workflow] = sections.get(workflow) or {}
     if trl_defaults:
         sections["defaults"].update(trainer={}, precision="bf16")
         sections[workflow]["trainer"] = {}
-    sections[workflow]["max_eval_examples"] = 2
+    # The same rendering in both runs: trl's defaults train on whole chats, for which `auto` would pick
+    # the model's own template.
+    sections[workflow].update(chat_template="chatml", max_eval_examples=2)
     sections[workflow]["trainer"] = {**(sections[workflow].get("trainer") or {}), "max_steps": steps,
                                      "eval_strategy": "no", "save_strategy": "no", "logging_steps": steps,
                                      "include_num_input_tokens_seen": "non_padding", "disable_tqdm": True}

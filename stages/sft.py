@@ -33,6 +33,7 @@ from stages.lib.io import write_json
 from stages.lib.log import config_dict, get_logger, log_config
 from stages.lib.models import load_tokenizer, peak_memory_mb, require_model_dir
 from stages.lib.params import DEFAULT_PARAMS
+from stages.lib.policy import MODEL_TOOLS_FILE
 from stages.lib.records import read_chat_records
 from stages.lib.training import (LoraParams, Section, check_qlora, checkpoint_dir, is_main_process, live_callbacks,
                                  load_trainable, load_variant_params, model_card, model_config,
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                       f"Method: {params.method}"],
                           {"Data": args.train, "Eval data": args.eval}, metrics, run.values, USAGE)
         save_trained(args.out, trainer.model, tokenizer, card,
-                     extra=(lambda out: write_json(out / "tools.json", tools)) if tools else None)
+                     extra=(lambda out: write_json(out / MODEL_TOOLS_FILE, tools)) if tools else None)
         write_json(args.metrics, metrics)
         shutil.rmtree(output_dir, ignore_errors=True)
         log.info("%s: eval loss %.4f (base %.4f) after %d steps, %d tokens at %.0f tokens/s", args.name,

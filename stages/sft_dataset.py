@@ -41,7 +41,7 @@ SOURCES = ("cmv", "p4g")
 @dataclass
 class SftDatasetParams:
     use_cmv: bool
-    use_p4g: bool = True
+    use_p4g: bool
     max_examples: int | None  # a seeded sample of this many rows; null: all
     train_ratio: float
     val_ratio: float

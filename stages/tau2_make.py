@@ -118,6 +118,27 @@ def reward_of(simulation: dict, where: str) -> float:
     return float(reward)
 
 
+def checked_agent_calls(calls: list, at: str, tool_names: set[str], tools_path: Path,
+                        seen_calls: set[str]) -> list[dict]:
+    """An assistant turn's tool calls as `{"id", "name", "arguments"}`, each id recorded in `seen_calls`."""
+    agent_calls = []
+    for number, call in enumerate(calls):
+        call_at = f"{at} tool_calls[{number}]"
+        if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not call["id"]:
+            raise StageError(f"{call_at}: tool call needs a non-empty string 'id'")
+        if call.get("requestor", "assistant") != "assistant":
+            raise StageError(f"{call_at}: assistant turn carries a {call['requestor']!r} tool call")
+        if call.get("name") not in tool_names:
+            raise StageError(f"{call_at}: unknown tool {call.get('name')!r} (not in {tools_path})")
+        if not isinstance(call.get("arguments"), dict):
+            raise StageError(f"{call_at}: arguments must be a JSON object")
+        if call["id"] in seen_calls:
+            raise StageError(f"{call_at}: duplicate tool call id {call['id']!r}")
+        seen_calls.add(call["id"])
+        agent_calls.append({"id": call["id"], "name": call["name"], "arguments": call["arguments"]})
+    return agent_calls
+
+
 def agent_history(messages: list, tool_names: set[str], tools_path: Path, where: str, counts: Counter) -> list[dict]:
     """The agent's side of a simulation: its turns and tool results, and the user's text turns."""
     history = []
@@ -140,22 +161,8 @@ def agent_history(messages: list, tool_names: set[str], tools_path: Path, where:
             raise StageError(f"{at}: tool call {call_id!r} ({name}) has no result before this {role} turn")
 
         if role == "assistant":
-            agent_calls = []
-            for number, call in enumerate(calls):
-                call_at = f"{at} tool_calls[{number}]"
-                if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not call["id"]:
-                    raise StageError(f"{call_at}: tool call needs a non-empty string 'id'")
-                if call.get("requestor", "assistant") != "assistant":
-                    raise StageError(f"{call_at}: assistant turn carries a {call['requestor']!r} tool call")
-                if call.get("name") not in tool_names:
-                    raise StageError(f"{call_at}: unknown tool {call.get('name')!r} (not in {tools_path})")
-                if not isinstance(call.get("arguments"), dict):
-                    raise StageError(f"{call_at}: arguments must be a JSON object")
-                if call["id"] in seen_calls:
-                    raise StageError(f"{call_at}: duplicate tool call id {call['id']!r}")
-                seen_calls.add(call["id"])
-                open_calls[call["id"]] = call["name"]
-                agent_calls.append({"id": call["id"], "name": call["name"], "arguments": call["arguments"]})
+            agent_calls = checked_agent_calls(calls, at, tool_names, tools_path, seen_calls)
+            open_calls.update((call["id"], call["name"]) for call in agent_calls)
             history.append({"role": "assistant", "content": content, "tool_calls": agent_calls or None})
             counts["assistant_turns"] += 1
             counts["tool_calls"] += len(agent_calls)
@@ -186,6 +193,26 @@ def agent_history(messages: list, tool_names: set[str], tools_path: Path, where:
     return history
 
 
+def checked_simulation(simulation, where: str, path: Path, known_tasks: set[str],
+                       simulation_source: dict[str, Path]) -> str:
+    """Check one simulation's shape, record where its id was seen; returns how errors name it."""
+    if not isinstance(simulation, dict):
+        raise StageError(f"{where}: expected a simulation object")
+    for key in REQUIRED_SIMULATION_KEYS:
+        if key not in simulation:
+            raise StageError(f"{where}: simulation missing required key '{key}'")
+    simulation_id, task_id = simulation["id"], simulation["task_id"]
+    where = f"{path}: simulation {simulation_id!r}"
+    if simulation_id in simulation_source:
+        raise StageError(f"{where}: duplicate simulation id (also in {simulation_source[simulation_id]})")
+    simulation_source[simulation_id] = path
+    if task_id not in known_tasks:
+        raise StageError(f"{where}: task_id {task_id!r} is not among the file's tasks")
+    if not isinstance(simulation["messages"], list):
+        raise StageError(f"{where}: messages must be a list")
+    return where
+
+
 def build_examples(files: list[Path], split_of: dict[str, str], tools: list[dict], tool_names: set[str],
                    tools_path: Path, params: Tau2MakeParams, metrics: Counter) -> dict[str, list[dict]]:
     splits = {split: [] for split in SPLITS}
@@ -204,21 +231,9 @@ def build_examples(files: list[Path], split_of: dict[str, str], tools: list[dict
         known_tasks = task_ids(path, results["tasks"])
         metrics["files"] += 1
         for index, simulation in enumerate(results["simulations"]):
-            where = f"{path}: simulations[{index}]"
-            if not isinstance(simulation, dict):
-                raise StageError(f"{where}: expected a simulation object")
-            for key in REQUIRED_SIMULATION_KEYS:
-                if key not in simulation:
-                    raise StageError(f"{where}: simulation missing required key '{key}'")
+            where = checked_simulation(simulation, f"{path}: simulations[{index}]", path, known_tasks,
+                                       simulation_source)
             simulation_id, task_id = simulation["id"], simulation["task_id"]
-            where = f"{path}: simulation {simulation_id!r}"
-            if simulation_id in simulation_source:
-                raise StageError(f"{where}: duplicate simulation id (also in {simulation_source[simulation_id]})")
-            simulation_source[simulation_id] = path
-            if task_id not in known_tasks:
-                raise StageError(f"{where}: task_id {task_id!r} is not among the file's tasks")
-            if not isinstance(simulation["messages"], list):
-                raise StageError(f"{where}: messages must be a list")
             metrics["simulations_read"] += 1
 
             reward = reward_of(simulation, where)

@@ -6,8 +6,22 @@ import torch
 
 from stages import base_model
 from stages.lib import StageError
-from stages.lib.models import greedy_reply, load_causal_lm, load_tokenizer
+from stages.lib.models import load_tokenizer
 from tests.conftest import params_file
+
+
+def load_causal_lm(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+def greedy_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 32) -> str:
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def run(tmp_path: Path, **section) -> dict:

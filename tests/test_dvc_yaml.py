@@ -85,6 +85,9 @@ def test_stage_deps_cover_the_code_it_runs(name, stage):
     assert not missing, f"{name} imports {missing} but dvc.yaml does not list them as deps"
     if LIB / "chat.py" in code:
         assert LIB / "templates" in deps  # chat.py reads the training template from there
+    # Exactly: code the stage does not run would re-run it for nothing when it changes.
+    extra = relative(d for d in deps if d.is_relative_to(STAGES) and d.suffix == ".py" and d not in code | {script})
+    assert not extra, f"{name} lists {extra} as deps but does not import them"
 
 
 @pytest.mark.parametrize("path", sorted(STAGES.rglob("*.py")), ids=lambda p: str(p.relative_to(REPO_ROOT)))
@@ -93,8 +96,10 @@ def test_no_stage_code_imports_a_stage(path):
     assert not stages, f"{path.relative_to(REPO_ROOT)} imports {stages}: code stages share belongs in stages/lib"
 
 
-@pytest.mark.parametrize("path", sorted([*(REPO_ROOT / "tools").rglob("*.py"), *(REPO_ROOT / "benchmarks").rglob("*.py")]),
-                         ids=lambda p: str(p.relative_to(REPO_ROOT)))
+TOOLS_AND_BENCHMARKS = sorted(p for folder in ("tools", "benchmarks") for p in (REPO_ROOT / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", TOOLS_AND_BENCHMARKS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_tools_and_benchmarks_import_only_stages_lib(path):
     outside = relative(p for p in direct_imports(path) if not p.is_relative_to(LIB))
     assert not outside, f"{path.relative_to(REPO_ROOT)} imports {outside}; it may import stages/lib only " \

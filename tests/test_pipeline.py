@@ -84,8 +84,8 @@ def test_changed_param_reruns_only_the_stages_that_read_it(repo):
         # All three analyses read the section; nothing downstream depends on their plots.
         assert sorted(stages_run(repo.repro())) == ["token_analysis@agent", "token_analysis@persona",
                                                     "token_analysis@persuasion"]
-        curve = repo.path("plots/token_analysis/persona/truncation_loss.tsv").read_text().splitlines()
-        assert curve[1].startswith("64\t")
+        curve = json.loads(repo.path("plots/token_analysis/persona/plots/custom/truncation_loss.json").read_text())
+        assert curve[0]["max_length"] == 64
     finally:
         repo.set_params({"token_analysis.step": 128})
         repo.repro()

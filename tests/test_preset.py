@@ -6,6 +6,7 @@ import yaml
 from stages import dpo, sft
 from stages.lib import StageError
 from stages.lib.params import load_params, parse_section
+from stages.lib.training import load_variant_params
 from tests.conftest import REPO_ROOT
 from tests.test_params_file import SECTIONS
 from tools import preset
@@ -28,9 +29,9 @@ def test_shipped_preset_applies_and_every_section_still_parses(tmp_path, path):
     for section, cls in SECTIONS.items():
         parse_section(values, section, cls)
     for workflow in set(values["sft"]) - {"defaults"}:
-        sft.load_sft_params(params, workflow)
+        load_variant_params(params, "sft", workflow, sft.SFTParams)
     for variant in set(values["dpo"]) - {"defaults"}:
-        dpo.load_variant_params(params, "dpo", variant, dpo.DPOParams)
+        load_variant_params(params, "dpo", variant, dpo.DPOParams)
     # Comments of params.yaml survive the edit.
     assert "# One section per stage" in params.read_text()
 

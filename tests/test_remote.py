@@ -135,7 +135,7 @@ def test_repro_pull_allow_missing_skips_what_the_remote_holds(origin, tmp_path):
     inputs = {path: digest for path, digest in origin.files.items()
               if path.startswith(("models/base/", "data/persona/", "metrics/"))}
     assert fetched == inputs
-    assert other.path("plots/token_analysis/persona/truncation_loss.tsv").is_file()
+    assert other.path("plots/token_analysis/persona/plots/custom/truncation_loss.json").is_file()
 
 
 def test_checkpoints_are_never_pushed(origin):

@@ -8,7 +8,7 @@ from stages import reward_model
 from stages.lib import StageError
 from stages.lib.reward import load_reward_fn
 from tests.chats import write_jsonl
-from tests.conftest import params_file, write_params
+from tests.conftest import params_file
 
 STYLED = ["you look lovely tonight darling", "i love your cute smile", "darling you are so cute",
           "your smile makes me blush", "i miss you so much darling", "you are lovely and cute"]

@@ -7,7 +7,8 @@ import torch
 
 from stages import sft
 from stages.lib import StageError
-from stages.lib.chat import CHATML_TEMPLATE, chat_dataset, read_chat_records, tokenize_chats
+from stages.lib.chat import CHATML_TEMPLATE, chat_dataset, tokenize_chats
+from stages.lib.records import read_chat_records
 from stages.lib.models import load_tokenizer, resolve_precision
 from tests.chats import chat, tool_chat, write_jsonl
 from stages.lib.io import file_md5

@@ -28,8 +28,8 @@ from typing import Sequence
 from stages.lib import StageError, run_stage
 from stages.lib.chat import resolve_chat_template
 from stages.lib.log import get_logger
-from stages.lib.policy import load_policy, require_policy_dir
-from stages.lib.tools import MODEL_TOOLS_FILE, read_model_tools, read_tools
+from stages.lib.policy import MODEL_TOOLS_FILE, load_policy, read_model_tools, require_policy_dir
+from stages.lib.tools import read_tools
 
 log = get_logger("chat")
 

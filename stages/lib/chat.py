@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib.errors import StageError
-from stages.lib.records import read_chat_records  # noqa: F401  (the stages that train on chats read them here)
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 CHATML_TEMPLATE = (TEMPLATES_DIR / "chatml.jinja").read_text(encoding="utf-8")

