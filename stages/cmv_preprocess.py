@@ -44,11 +44,12 @@ from typing import Sequence
 
 from stages.lib import run_stage
 from stages.lib.convokit import CONVERSATIONS, UTTERANCES, ancestors, read_conversations, read_utterances
-from stages.lib.io import require_path, write_json, write_jsonl
+from stages.lib.io import require_path, write_json
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
 from stages.lib.persuasion import (
     Example, check_token_limits, finish_examples, open_tokenizer, render_turns, require_rows, summarize)
+from stages.lib.records import write_persuasion_examples
 
 log = get_logger("cmv_preprocess")
 
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows = finish_examples(tokenizer, examples, params, "cmv_preprocess", dropped)
     require_rows(rows, args.corpus, candidates, dropped, "cmv_preprocess")
 
-    write_jsonl(args.out, rows)
+    write_persuasion_examples(args.out, rows)
     metrics = {**stats, **summarize(rows, candidates, dropped, DROP_REASONS)}
     write_json(args.metrics, metrics)
     log.info("kept %d of %d successful comments (%s)", len(rows), candidates,

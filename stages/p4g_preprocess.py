@@ -33,11 +33,12 @@ from typing import Iterator, Sequence
 
 from stages.lib import StageError, run_stage
 from stages.lib.convokit import CONVERSATIONS, UTTERANCES, ancestors, read_conversations, read_utterances
-from stages.lib.io import write_json, write_jsonl
+from stages.lib.io import write_json
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
 from stages.lib.persuasion import (
     Example, check_token_limits, finish_examples, open_tokenizer, render_turns, require_rows, summarize)
+from stages.lib.records import write_persuasion_examples
 
 log = get_logger("p4g_preprocess")
 
@@ -252,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows = finish_examples(tokenizer, examples, params, "p4g_preprocess", dropped)
     require_rows(rows, args.corpus, candidates, dropped, "p4g_preprocess")
 
-    write_jsonl(args.out, rows)
+    write_persuasion_examples(args.out, rows)
     metrics = {"dialogues": len(dialogues), "turns": sum(len(d.turns) for d in dialogues),
                **summarize(rows, candidates, dropped, DROP_REASONS)}
     write_json(args.metrics, metrics)

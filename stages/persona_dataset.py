@@ -28,10 +28,11 @@ from typing import Literal, Sequence
 from tqdm import tqdm
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import atomic_dir, iter_jsonl, require_path, write_json, write_jsonl
+from stages.lib.io import atomic_dir, iter_jsonl, require_path, write_json
 from stages.lib.log import get_logger, log_config
 from stages.lib.models import load_tokenizer
 from stages.lib.params import DEFAULT_PARAMS, load_section
+from stages.lib.records import write_chat_records
 
 log = get_logger("persona_dataset")
 
@@ -409,8 +410,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                          f"({metrics['games_read']} read; dropped {dropped})")
 
     with atomic_dir(args.out) as tmp:
-        write_jsonl(tmp / "train.jsonl", train)
-        write_jsonl(tmp / "val.jsonl", val)
+        write_chat_records(tmp / "train.jsonl", train)
+        write_chat_records(tmp / "val.jsonl", val)
     metrics = {"config_rows": config_rows, "config_rows_without_summaries": config_rows - len(games),
                **metrics, "train_games": len(train), "val_games": len(val)}
     write_json(args.metrics, metrics)

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import atomic_dir, iter_jsonl, write_json, write_jsonl
+from stages.lib.io import atomic_dir, write_json
+from stages.lib.records import read_persuasion_examples, write_chat_records
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
 
@@ -61,23 +62,6 @@ class SftDatasetParams:
         if not math.isclose(sum(ratios.values()), 1.0, abs_tol=1e-6):
             total = sum(ratios.values())
             raise ValueError(f"the split ratios must sum to 1, got train_ratio + val_ratio + test_ratio = {total:g}")
-
-
-def read_rows(path: Path, source: str) -> list[dict]:
-    rows = []
-    for line, row in iter_jsonl(path, required=["context", "response", "metadata"]):
-        metadata = row["metadata"]
-        if not isinstance(metadata, dict) or "conversation_id" not in metadata:
-            raise StageError(f"{path}:{line}: 'metadata' must be an object with a 'conversation_id'")
-        for key in ("context", "response"):
-            if not isinstance(row[key], str) or not row[key].strip():
-                raise StageError(f"{path}:{line}: '{key}' must be a non-empty string")
-        if metadata.get("source", source) != source:
-            raise StageError(f"{path}:{line}: metadata.source is '{metadata['source']}', expected '{source}'")
-        rows.append(row)
-    if not rows:
-        raise StageError(f"{path}: no rows")
-    return rows
 
 
 def assign_splits(rows: list[dict], params: SftDatasetParams) -> list[str]:
@@ -133,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             continue
         if path is None:
             raise StageError(f"sft_dataset.use_{source} is true but no --{source} file was given")
-        source_rows = read_rows(path, source)
+        source_rows = read_persuasion_examples(path, source)
         for row in source_rows:
             row["metadata"] = {"source": source, **row["metadata"]}
         rows.extend(source_rows)
@@ -155,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     with atomic_dir(args.out) as tmp:
         for name in SPLITS:
-            write_jsonl(tmp / f"{name}.jsonl", (chat_record(row, params.system_prompt) for row in by_split[name]))
+            write_chat_records(tmp / f"{name}.jsonl", (chat_record(row, params.system_prompt) for row in by_split[name]))
 
     metrics = {"examples_in": examples_in, "examples": len(rows)}
     for source in SOURCES:

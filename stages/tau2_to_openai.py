@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import atomic_dir, read_json, write_json, write_jsonl
+from stages.lib.io import atomic_dir, read_json, write_json
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
+from stages.lib.records import write_chat_records
 
 log = get_logger("tau2_to_openai")
 
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     with atomic_dir(args.out) as tmp:
         for split, split_records in records.items():
-            write_jsonl(tmp / f"{split}.jsonl", split_records)
+            write_chat_records(tmp / f"{split}.jsonl", split_records)
 
     metrics = {
         **{f"{split}_examples": len(split_records) for split, split_records in records.items()},

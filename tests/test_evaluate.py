@@ -120,7 +120,7 @@ def test_agent_loss_and_tool_call_validity(workdir, tiny_model_dir, inputs, monk
                                       for p in rendered)
     assert block["tool_prompts"] == 2 and block["tool_call_rate"] == 1.0 and block["tool_call_known_tool"] == 1.0
     assert block["tool_call_validity"] == 0.5  # the second call's id is an integer, the schema says string
-    assert samples_of(workdir, "agent")[1]["errors"] == ["lookup: $.id: expected string, got int"]
+    assert samples_of(workdir, "agent")[1]["errors"] == ["lookup: $.id: 7 is not of type 'string'"]
     expected = assistant_loss_by_hand(tiny_model_dir, [tool_chat(0), tool_chat(1)])
     assert block["assistant_token_loss"] == pytest.approx(expected, rel=1e-3)
 
@@ -156,17 +156,23 @@ def test_style_reward_and_kl_to_the_reference(workdir, tiny_model_dir, inputs, t
 
 @pytest.mark.parametrize("value, schema, errors", [
     ({"a": "x"}, {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}, []),
-    ({}, {"type": "object", "required": ["a"]}, ["$: missing required 'a'"]),
+    ({}, {"type": "object", "required": ["a"]}, ["$: 'a' is a required property"]),
     ({"a": 3}, {"type": "object", "properties": {"a": {"enum": [1, 2]}}}, ["$.a: 3 is not one of [1, 2]"]),
     ({"n": 0.5}, {"type": "object", "properties": {"n": {"type": "number", "exclusiveMinimum": 0, "multipleOf": 0.5}}},
      []),
-    ({"n": 0}, {"properties": {"n": {"type": "number", "exclusiveMinimum": 0}}}, ["$.n: 0 violates exclusiveMinimum 0"]),
+    # Decimal arguments: 19.99 is a multiple of 0.01 although 19.99 / 0.01 is not exactly an integer in binary.
+    ({"p": 19.99}, {"properties": {"p": {"type": "number", "multipleOf": 0.01}}}, []),
+    ({"p": 19.995}, {"properties": {"p": {"type": "number", "multipleOf": 0.01}}},
+     ["$.p: 19.995 is not a multiple of 0.01"]),
+    ({"n": 0}, {"properties": {"n": {"type": "number", "exclusiveMinimum": 0}}},
+     ["$.n: 0 is less than or equal to the minimum of 0"]),
     ({"s": ["a"]}, {"properties": {"s": {"type": "array", "minItems": 2, "items": {"type": "integer"}}}},
-     ["$.s: fewer than 2 items", "$.s[0]: expected integer, got str"]),
+     ["$.s: ['a'] is too short", "$.s[0]: 'a' is not of type 'integer'"]),
     ({"d": "2024-1-01"}, {"properties": {"d": {"type": "string", "pattern": "^\\d{4}-\\d{2}-\\d{2}$"}}},
-     ["$.d: does not match '^\\\\d{4}-\\\\d{2}-\\\\d{2}$'"]),
-    ({"x": True}, {"properties": {"x": {"type": "integer"}}}, ["$.x: expected integer, got bool"]),
-    ({"x": 1}, {"type": "object", "additionalProperties": False}, ["$: unexpected key 'x'"]),
+     ["$.d: '2024-1-01' does not match '^\\\\d{4}-\\\\d{2}-\\\\d{2}$'"]),
+    ({"x": True}, {"properties": {"x": {"type": "integer"}}}, ["$.x: True is not of type 'integer'"]),
+    ({"x": 1}, {"type": "object", "additionalProperties": False},
+     ["$: Additional properties are not allowed ('x' was unexpected)"]),
 ])
 def test_schema_errors(value, schema, errors):
     assert schema_errors(value, schema) == errors

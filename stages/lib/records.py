@@ -5,6 +5,8 @@ Records are plain dicts. Each kind's TypedDict lists its fields in the order the
 and name `file:line` on the first one at fault; writers write the records as given, whole or
 not at all.
 
+  persuasion example {"context", "response", "metadata": {"conversation_id", "source"?, ...}}
+                                                               cmv_preprocess, p4g_preprocess -> sft_dataset
   chat record     {"messages", "tools"?, "metadata"?, ...}    the SFT data splits, persona and agent data
   prompt          the chat before its last assistant turn      read from chat records by generate_preferences
   pool record     {"prompt", "response_1", "response_2", "metadata": {"prompt_id", ...}}
@@ -27,6 +29,12 @@ from stages.lib.io import atomic_file, iter_jsonl, write_jsonl
 
 ROLES = ("system", "user", "assistant", "tool")
 PREFERENCES = ("1", "2", "tie")
+
+
+class PersuasionExample(TypedDict):
+    context: str
+    response: str
+    metadata: dict  # `conversation_id` (splits keep a conversation whole), `source`, utterance ids
 
 
 class ChatRecord(TypedDict):
@@ -79,6 +87,28 @@ def write_records(path: Path, records: Iterable[dict], kind: type) -> int:
             yield record
 
     return write_jsonl(path, checked())
+
+
+def read_persuasion_examples(path: Path, source: str) -> list[dict]:
+    """Examples of one `source` (cmv, p4g); `metadata.source`, where given, must be that source."""
+    rows = []
+    for line, row in iter_jsonl(path, required=fields_of(PersuasionExample)):
+        metadata = row["metadata"]
+        if not isinstance(metadata, dict) or "conversation_id" not in metadata:
+            raise StageError(f"{path}:{line}: 'metadata' must be an object with a 'conversation_id'")
+        for key in ("context", "response"):
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise StageError(f"{path}:{line}: '{key}' must be a non-empty string")
+        if metadata.get("source", source) != source:
+            raise StageError(f"{path}:{line}: metadata.source is '{metadata['source']}', expected '{source}'")
+        rows.append(row)
+    if not rows:
+        raise StageError(f"{path}: no rows")
+    return rows
+
+
+def write_persuasion_examples(path: Path, records: Iterable[dict]) -> int:
+    return write_records(path, records, PersuasionExample)
 
 
 def check_messages(messages, where: str) -> None:
