@@ -36,8 +36,8 @@ from stages.lib.params import DEFAULT_PARAMS
 from stages.lib.policy import MODEL_TOOLS_FILE
 from stages.lib.records import read_chat_records
 from stages.lib.training import (LoraParams, Section, check_qlora, checkpoint_dir, is_main_process, live_callbacks,
-                                 load_trainable, load_variant_params, model_card, model_config,
-                                 refuse_stage_fields, save_trained, trainer_config, training_precision)
+                                 load_trainable, load_variant_params, model_card, model_config, refuse_stage_fields,
+                                 resumable_checkpoint, save_trained, trainer_config, training_precision)
 
 log = get_logger("sft")
 
@@ -135,9 +135,7 @@ def sft_metrics(trainer, result, base_eval: dict, final_eval: dict, elapsed: flo
 def train_resumable(trainer, output_dir: Path):
     """Train from the last checkpoint in `output_dir`, if any: (base eval, train result, final eval, seconds
     spent training, or None after a resume, when the tokens seen were not all seen in this run)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    last = resumable_checkpoint(output_dir)
     if last:
         log.info("resuming from %s", last)
         base_eval = json.loads((output_dir / "base_eval.json").read_text())

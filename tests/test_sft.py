@@ -153,6 +153,44 @@ def test_killed_run_resumes_from_its_last_checkpoint(workdir, tiny_model_dir, da
     assert metrics["steps"] == 12 and metrics["eval_loss"] < metrics["base_eval_loss"]
 
 
+@pytest.mark.parametrize("cut", ["only the model card", "weights without trainer state", "truncated trainer state"])
+def test_a_save_cut_off_is_removed_and_the_previous_checkpoint_resumed(workdir, tiny_model_dir, data, monkeypatch,
+                                                                        cut):
+    from trl import SFTTrainer
+
+    original_step = SFTTrainer.training_step
+    calls = []
+
+    def killed_after_step_6(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise Killed
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", killed_after_step_6)
+    with pytest.raises(Killed):
+        run(workdir, tiny_model_dir, data, trainer={"save_steps": 2, "save_total_limit": 2})
+    [key_dir] = (workdir / "checkpoints" / "toy").iterdir()
+    assert sorted(p.name for p in key_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    # The kill lands while checkpoint-6 is written: what the trainer had written by then stays behind.
+    partial = key_dir / "checkpoint-6"
+    if cut == "only the model card":
+        for path in partial.iterdir():
+            if path.name != "README.md":
+                path.unlink()
+    elif cut == "weights without trainer state":
+        (partial / "trainer_state.json").unlink()
+    else:
+        state = (partial / "trainer_state.json").read_text()
+        (partial / "trainer_state.json").write_text(state[: len(state) // 2])
+
+    calls.clear()
+    monkeypatch.setattr(SFTTrainer, "training_step", lambda self, *a, **k: (calls.append(1), original_step(self, *a, **k))[1])
+    metrics = run(workdir, tiny_model_dir, data, trainer={"save_steps": 2, "save_total_limit": 2})
+    assert len(calls) == 12 - 4  # resumed from checkpoint-4, the latest complete one
+    assert metrics["steps"] == 12 and metrics["eval_loss"] < metrics["base_eval_loss"]
+
+
 def test_changed_params_start_fresh(workdir, tiny_model_dir, data, monkeypatch):
     from trl import SFTTrainer
 

@@ -10,6 +10,7 @@ import collections.abc
 import dataclasses
 import difflib
 import enum
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,6 +25,18 @@ T = TypeVar("T")
 DEFAULT_PARAMS = "params.yaml"
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML as DVC reads params.yaml (YAML 1.2): only true / false are booleans, so a value such as
+    `save_strategy: no`, which `dvc exp run -S` may write unquoted, stays the string it means."""
+
+
+ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict:
     """Read a params file; YAML errors are reported as `file:line`."""
     path = Path(path)
@@ -32,7 +45,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict:
     except FileNotFoundError:
         raise StageError(f"{path}: params file not found") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=ParamsLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

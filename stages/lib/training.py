@@ -19,11 +19,13 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from stages.lib.errors import StageError
 from stages.lib.io import atomic_dir, file_md5
+from stages.lib.log import get_logger
 from stages.lib.models import resolve_precision
 from stages.lib.params import build, load_params
 from stages.lib.policy import is_adapter, write_stack
 
 T = TypeVar("T")
+log = get_logger("training")
 
 # Trainer-config fields that come from the stage itself (paths from dvc.yaml, precision from `precision`).
 STAGE_FIELDS = frozenset({"output_dir", "bf16", "fp16", "use_cpu", "report_to", "logging_dir", "push_to_hub",
@@ -182,6 +184,40 @@ def checkpoint_dir(root: Path, values: dict, files: Iterable[Path], model_dir: P
             if stale != directory:
                 shutil.rmtree(stale, ignore_errors=True)
     return directory
+
+
+def complete_checkpoint(path: Path) -> bool:
+    """Whether the trainer finished saving `path`: it writes trainer_state.json last, after the weights,
+    optimizer and RNG state, so a parsable state naming the folder's own step marks a finished save."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+    return (isinstance(state, dict) and state.get("global_step") == checkpoint_step(path)
+            and any((path / name).is_file() for name in weights))
+
+
+def checkpoint_step(path: Path) -> int | None:
+    number = path.name.removeprefix("checkpoint-")
+    return int(number) if path.name.startswith("checkpoint-") and number.isdigit() else None
+
+
+def resumable_checkpoint(directory: Path) -> str | None:
+    """The latest complete `checkpoint-N` in `directory`, if any. Checkpoints whose save was cut off
+    (a kill during the save) are logged and removed: resuming from one would fail."""
+    if not directory.is_dir():
+        return None
+    found = sorted((p for p in directory.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+                   key=checkpoint_step, reverse=True)
+    latest = None
+    for path in found:
+        if complete_checkpoint(path):
+            latest = latest or str(path)
+        elif is_main_process():
+            log.warning("removing %s: its save was cut off (no complete trainer state and weights)", path)
+            shutil.rmtree(path, ignore_errors=True)
+    return latest
 
 
 def model_card(title: str, facts: list[str], data: Mapping[str, Path], metrics: dict, params: dict,
