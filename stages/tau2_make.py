@@ -9,10 +9,15 @@ Out: --out          {"splits": {"train": [...], "test": [...]}}, one example per
                     simulation_id, task_id, trial, reward, domain, source (the results file),
                     messages (the system prompt built from the domain policy, then what the agent
                     saw: its own turns with tool calls, their results, the user's text turns) and tools
-     --metrics      simulations read, kept, dropped per reason, user tool calls dropped, per split
+     --metrics      simulations read, kept, dropped per reason, user tool calls dropped, repeated
+                    tool-call ids renamed, per split
 
 The user's own tool calls (telecom: the simulated customer toggling airplane mode, running a
 speed test) and their results are not part of the agent's history and are dropped.
+
+A tool-call id may recur across the agent's turns (providers that number calls per turn); each
+result answers the open call of its id, and each repeat is written as `<id>_<occurrence>` so every
+call in a conversation has its own id. An id twice in one turn is an error.
 
     python -m stages.tau2_make --results data/raw/tau2/telecom/results \
         --split-tasks data/raw/tau2/telecom/split_tasks.json --tools data/raw/tau2/telecom/tools.json \
@@ -118,10 +123,10 @@ def reward_of(simulation: dict, where: str) -> float:
     return float(reward)
 
 
-def checked_agent_calls(calls: list, at: str, tool_names: set[str], tools_path: Path,
-                        seen_calls: set[str]) -> list[dict]:
-    """An assistant turn's tool calls as `{"id", "name", "arguments"}`, each id recorded in `seen_calls`."""
+def checked_agent_calls(calls: list, at: str, tool_names: set[str], tools_path: Path) -> list[dict]:
+    """An assistant turn's tool calls as `{"id", "name", "arguments"}`, ids as in the results file."""
     agent_calls = []
+    turn_ids: dict[str, int] = {}
     for number, call in enumerate(calls):
         call_at = f"{at} tool_calls[{number}]"
         if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not call["id"]:
@@ -132,19 +137,68 @@ def checked_agent_calls(calls: list, at: str, tool_names: set[str], tools_path: 
             raise StageError(f"{call_at}: unknown tool {call.get('name')!r} (not in {tools_path})")
         if not isinstance(call.get("arguments"), dict):
             raise StageError(f"{call_at}: arguments must be a JSON object")
-        if call["id"] in seen_calls:
-            raise StageError(f"{call_at}: duplicate tool call id {call['id']!r}")
-        seen_calls.add(call["id"])
+        # Results name only the id: two calls of one id in a turn leave no way to tell which result is whose.
+        if call["id"] in turn_ids:
+            raise StageError(f"{call_at}: tool call id {call['id']!r} repeats within one assistant turn "
+                             f"(also tool_calls[{turn_ids[call['id']]}])")
+        turn_ids[call["id"]] = number
         agent_calls.append({"id": call["id"], "name": call["name"], "arguments": call["arguments"]})
     return agent_calls
+
+
+def agent_call_ids(messages: list) -> set[str]:
+    """Every id the agent's calls carry in one conversation, as the results file spells them."""
+    return {call["id"] for message in messages
+            if isinstance(message, dict) and message.get("role") == "assistant"
+            and isinstance(message.get("tool_calls"), list)
+            for call in message["tool_calls"] if isinstance(call, dict) and isinstance(call.get("id"), str)}
+
+
+class OpenCalls:
+    """The agent's calls awaiting their results, and the ids the written conversation gives them.
+
+    Some providers number calls per turn, so one id recurs in later turns of a conversation. Chat
+    templates and `tool_call_id`s need each call's id unique, so every repeat after the first gets its
+    occurrence number as a suffix; a conversation without repeats keeps its ids exactly."""
+
+    def __init__(self, messages: list):
+        # A suffixed id must not take an id the file itself uses elsewhere in the conversation.
+        self.taken = agent_call_ids(messages)
+        self.occurrences: Counter = Counter()
+        self.waiting: dict[str, tuple[str, str]] = {}  # file's id -> (written id, tool name)
+        self.renamed = 0
+
+    def written_id(self, call_id: str) -> str:
+        self.occurrences[call_id] += 1
+        number = self.occurrences[call_id]
+        if number == 1:
+            return call_id
+        while f"{call_id}_{number}" in self.taken:
+            number += 1
+        self.taken.add(f"{call_id}_{number}")
+        self.renamed += 1
+        return f"{call_id}_{number}"
+
+    def open(self, calls: list[dict]) -> list[dict]:
+        """The turn's calls under their written ids, each now awaiting its result."""
+        written = []
+        for call in calls:
+            call_id = self.written_id(call["id"])
+            self.waiting[call["id"]] = (call_id, call["name"])
+            written.append({**call, "id": call_id})
+        return written
+
+    def answer(self, call_id) -> str | None:
+        """The written id of the open call this result answers; None when no call of the id is open."""
+        written = self.waiting.pop(call_id, None)
+        return written[0] if written else None
 
 
 def agent_history(messages: list, tool_names: set[str], tools_path: Path, where: str, counts: Counter) -> list[dict]:
     """The agent's side of a simulation: its turns and tool results, and the user's text turns."""
     history = []
-    open_calls: dict[str, str] = {}  # agent call id -> tool name, until its result arrives
+    open_calls = OpenCalls(messages)
     user_calls: set[str] = set()
-    seen_calls: set[str] = set()
     for index, message in enumerate(messages):
         at = f"{where} messages[{index}]"
         if not isinstance(message, dict) or "role" not in message:
@@ -156,13 +210,12 @@ def agent_history(messages: list, tool_names: set[str], tools_path: Path, where:
         calls = message.get("tool_calls") or []
         if not isinstance(calls, list):
             raise StageError(f"{at}: tool_calls must be a list or null")
-        if role in ("assistant", "user") and open_calls:
-            call_id, name = next(iter(open_calls.items()))
+        if role in ("assistant", "user") and open_calls.waiting:
+            call_id, (_, name) = next(iter(open_calls.waiting.items()))
             raise StageError(f"{at}: tool call {call_id!r} ({name}) has no result before this {role} turn")
 
         if role == "assistant":
-            agent_calls = checked_agent_calls(calls, at, tool_names, tools_path, seen_calls)
-            open_calls.update((call["id"], call["name"]) for call in agent_calls)
+            agent_calls = open_calls.open(checked_agent_calls(calls, at, tool_names, tools_path))
             history.append({"role": "assistant", "content": content, "tool_calls": agent_calls or None})
             counts["assistant_turns"] += 1
             counts["tool_calls"] += len(agent_calls)
@@ -180,16 +233,17 @@ def agent_history(messages: list, tool_names: set[str], tools_path: Path, where:
             if call_id in user_calls and message.get("requestor", "user") == "user":
                 counts["user_tool_results_dropped"] += 1
                 continue
-            if call_id not in open_calls:
+            written_id = open_calls.answer(call_id)
+            if written_id is None:
                 raise StageError(f"{at}: tool result {call_id!r} answers no open tool call of the agent")
-            open_calls.pop(call_id)
             error = bool(message.get("error", False))
-            history.append({"role": "tool", "id": call_id, "content": content or "", "error": error})
+            history.append({"role": "tool", "id": written_id, "content": content or "", "error": error})
             counts["tool_errors"] += error
         else:
             raise StageError(f"{at}: unexpected role {role!r} (expected assistant, user or tool)")
     if not counts["assistant_turns"]:
         raise StageError(f"{where}: no assistant message")
+    counts["tool_call_ids_renamed"] += open_calls.renamed
     return history
 
 
@@ -302,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         **{f"{split}_examples": len(examples) for split, examples in splits.items()},
         "assistant_turns": counts["assistant_turns"],
         "tool_calls": counts["tool_calls"],
+        "tool_call_ids_renamed": counts["tool_call_ids_renamed"],
         "tool_errors": counts["tool_errors"],
         "user_tool_calls_dropped": counts["user_tool_calls_dropped"],
         "user_tool_results_dropped": counts["user_tool_results_dropped"],

@@ -1,9 +1,10 @@
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from stages import tau2_make
+from stages import tau2_make, tau2_to_openai
 from stages.lib import StageError
 from tests.conftest import REPO_ROOT, params_file, project_params
 
@@ -149,8 +150,8 @@ def test_agent_history_keeps_agent_turns_and_user_text_only(tmp_path):
     ]
     assert metrics == {
         "files": 2, "simulations_read": 4, "simulations_kept": 3, "dropped_failed": 1, "dropped_unsplit": 0,
-        "train_examples": 2, "test_examples": 1, "assistant_turns": 18, "tool_calls": 12, "tool_errors": 3,
-        "user_tool_calls_dropped": 3, "user_tool_results_dropped": 3, "user_turns_dropped": 3}
+        "train_examples": 2, "test_examples": 1, "assistant_turns": 18, "tool_calls": 12, "tool_call_ids_renamed": 0,
+        "tool_errors": 3, "user_tool_calls_dropped": 3, "user_tool_results_dropped": 3, "user_turns_dropped": 3}
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
 
 
@@ -263,6 +264,232 @@ def test_shipped_sample(tmp_path):
             user_call_ids = {c["id"] for m in sim["messages"] if m["role"] == "user" for c in m["tool_calls"] or []}
             assert not user_call_ids & {m.get("id") for m in example["messages"]}
     assert sum(len(e["messages"]) for split in splits.values() for e in split) > 300
+
+
+# --- results of providers that number tool calls per turn, in the current results format -------
+
+P = "functions"  # the provider's id prefix: `<prefix>_<tool>_<number within the turn>`
+
+
+def numbered_conversation() -> list[dict]:
+    """The same `<prefix>_<tool>_0` ids in several agent turns, parallel calls answered out of order,
+    and the user's own calls numbered the same way."""
+    return [
+        assistant("Hi! How can I help you today?"),
+        user("My data is slow. Phone 555-201-4410."),
+        assistant(None, (f"{P}_get_customer_by_phone_0", "get_customer_by_phone", {"phone_number": "555-201-4410"})),
+        tool(f"{P}_get_customer_by_phone_0", '{"customer_id": "C1", "line_ids": ["L1", "L2"]}'),
+        assistant(None, (f"{P}_get_details_by_id_0", "get_details_by_id", {"id": "L1"}),
+                  (f"{P}_get_details_by_id_1", "get_details_by_id", {"id": "L2"})),
+        tool(f"{P}_get_details_by_id_0", '{"line_id": "L1"}'),
+        tool(f"{P}_get_details_by_id_1", '{"line_id": "L2"}'),
+        assistant("Which line is slow? Please run a speed test."),
+        user("", (f"{P}_run_speed_test_0", "run_speed_test", {})),
+        tool(f"{P}_run_speed_test_0", "Speed: 0.4 Mbps", requestor="user"),
+        user("0.4 Mbps on L2.", (f"{P}_run_speed_test_0", "run_speed_test", {})),
+        tool(f"{P}_run_speed_test_0", "Speed: 0.4 Mbps", requestor="user"),
+        assistant(None, (f"{P}_get_details_by_id_0", "get_details_by_id", {"id": "P7"})),
+        tool(f"{P}_get_details_by_id_0", '{"plan_id": "P7"}'),
+        assistant(None, (f"{P}_get_details_by_id_0", "get_details_by_id", {"id": "D1"}),
+                  (f"{P}_get_details_by_id_1", "get_details_by_id", {"id": "D2"})),
+        tool(f"{P}_get_details_by_id_1", '{"device_id": "D2"}'),
+        tool(f"{P}_get_details_by_id_0", '{"device_id": "D1"}'),
+        assistant(None, (f"{P}_create_support_ticket_0", "create_support_ticket", {"details": {}})),
+        tool(f"{P}_create_support_ticket_0", '{"ticket_id": "TCK-2"}'),
+        assistant("Ticket TCK-2 is open."),
+        user("Thanks! ###STOP###"),
+    ]
+
+
+def colliding_conversation() -> list[dict]:
+    """`call_0` twice, and the file's own `call_0_2` later on: the repeat must not take that id."""
+    return [
+        assistant("Hi!"),
+        user("Check 555-000-0001 please."),
+        assistant(None, ("call_0", "get_customer_by_phone", {"phone_number": "555-000-0001"})),
+        tool("call_0", '{"customer_id": "C2"}'),
+        assistant(None, ("call_0", "get_details_by_id", {"id": "C2"})),
+        tool("call_0", '{"customer_id": "C2", "status": "ok"}', error=True),
+        assistant(None, ("call_0_2", "create_support_ticket", {"details": {}})),
+        tool("call_0_2", '{"ticket_id": "TCK-3"}'),
+        assistant("Done."),
+    ]
+
+
+def current_simulation(sim_id, task_id, messages, reward=1.0):
+    """A simulation with the keys newer tau2 versions add, on messages as well."""
+    sim = simulation(sim_id, task_id, reward=reward, messages=messages)
+    sim.update(start_time="2025-09-01T10:00:00", end_time="2025-09-01T10:03:00", duration=180.0,
+               review=None, speech_environment=None, agent_state={"steps": 12}, policy_version="1.2")
+    sim["reward_info"].update(reward_breakdown={"DB": reward}, nl_assertions=None)
+    for message in messages:
+        message.setdefault("is_audio", False)
+        message.setdefault("generation_time_seconds", 0.8)
+        if message["role"] != "tool":
+            message.setdefault("context_truncation", None)
+    return sim
+
+
+def write_current_inputs(root: Path) -> dict:
+    """One results file of the current format: r1 and r2 repeat ids, r3 has none, r4 failed."""
+    data = results([current_simulation("r1", "t1", numbered_conversation()),
+                    current_simulation("r2", "t3", colliding_conversation()),
+                    simulation("r3", "t2"),
+                    current_simulation("r4", "t2", numbered_conversation(), reward=0.0)])
+    data.update(schema_version="0.3", run_id="run-2025-09-01", provider={"name": "other", "region": "eu"})
+    data["info"].update(evaluation_type="all", text_streaming_config=None, agent_config={"temperature": 0.0})
+    for task in data["tasks"]:
+        task.update(ticket=None, required_documents=None, user_tools=["run_speed_test"])
+    dump(root / "results" / "current.json", data)
+    dump(root / "split_tasks.json", {"train": ["t1", "t2"], "test": ["t3"]})
+    dump(root / "tools.json", TOOLS)
+    return {"results": [root / "results"], "split_tasks": root / "split_tasks.json", "tools": root / "tools.json"}
+
+
+def calls_and_results(messages: list[dict]) -> list[tuple]:
+    return [(m["role"], [(c["id"], c["name"], c["arguments"]) for c in m["tool_calls"] or []])
+            if m["role"] == "assistant" else (m["role"], m.get("id"), m["content"])
+            for m in messages if m["role"] in ("assistant", "tool")]
+
+
+def test_repeated_call_ids_across_turns_get_unique_ids(tmp_path):
+    metrics = run_make(tmp_path, write_current_inputs(tmp_path))
+    assert {k: metrics[k] for k in ("simulations_read", "simulations_kept", "dropped_failed", "train_examples",
+                                    "test_examples", "tool_calls", "tool_call_ids_renamed", "tool_errors",
+                                    "user_tool_calls_dropped", "user_tool_results_dropped")} == {
+        "simulations_read": 4, "simulations_kept": 3, "dropped_failed": 1, "train_examples": 2,
+        "test_examples": 1, "tool_calls": 14, "tool_call_ids_renamed": 4, "tool_errors": 2,
+        "user_tool_calls_dropped": 3, "user_tool_results_dropped": 3}
+    splits = read_out(tmp_path)
+    examples = {e["simulation_id"]: e for split in splits.values() for e in split}
+    assert [e["simulation_id"] for e in splits["train"]] == ["r1", "r3"]
+    assert [e["simulation_id"] for e in splits["test"]] == ["r2"]
+    details = f"{P}_get_details_by_id"
+    assert calls_and_results(examples["r1"]["messages"]) == [
+        ("assistant", []),
+        ("assistant", [(f"{P}_get_customer_by_phone_0", "get_customer_by_phone", {"phone_number": "555-201-4410"})]),
+        ("tool", f"{P}_get_customer_by_phone_0", '{"customer_id": "C1", "line_ids": ["L1", "L2"]}'),
+        ("assistant", [(f"{details}_0", "get_details_by_id", {"id": "L1"}),
+                       (f"{details}_1", "get_details_by_id", {"id": "L2"})]),
+        ("tool", f"{details}_0", '{"line_id": "L1"}'),
+        ("tool", f"{details}_1", '{"line_id": "L2"}'),
+        ("assistant", []),
+        ("assistant", [(f"{details}_0_2", "get_details_by_id", {"id": "P7"})]),
+        ("tool", f"{details}_0_2", '{"plan_id": "P7"}'),
+        ("assistant", [(f"{details}_0_3", "get_details_by_id", {"id": "D1"}),
+                       (f"{details}_1_2", "get_details_by_id", {"id": "D2"})]),
+        ("tool", f"{details}_1_2", '{"device_id": "D2"}'),
+        ("tool", f"{details}_0_3", '{"device_id": "D1"}'),
+        ("assistant", [(f"{P}_create_support_ticket_0", "create_support_ticket", {"details": {}})]),
+        ("tool", f"{P}_create_support_ticket_0", '{"ticket_id": "TCK-2"}'),
+        ("assistant", []),
+    ]
+    assert calls_and_results(examples["r2"]["messages"]) == [
+        ("assistant", []),
+        ("assistant", [("call_0", "get_customer_by_phone", {"phone_number": "555-000-0001"})]),
+        ("tool", "call_0", '{"customer_id": "C2"}'),
+        ("assistant", [("call_0_3", "get_details_by_id", {"id": "C2"})]),
+        ("tool", "call_0_3", '{"customer_id": "C2", "status": "ok"}'),
+        ("assistant", [("call_0_2", "create_support_ticket", {"details": {}})]),
+        ("tool", "call_0_2", '{"ticket_id": "TCK-3"}'),
+        ("assistant", []),
+    ]
+    assert [m["content"] for m in examples["r1"]["messages"] if m["role"] == "user"] == [
+        "My data is slow. Phone 555-201-4410.", "0.4 Mbps on L2.", "Thanks! ###STOP###"]
+    assert [m["error"] for m in examples["r2"]["messages"] if m["role"] == "tool"] == [False, True, False]
+
+
+def test_repeated_call_ids_convert_like_ids_given_unique(tmp_path):
+    """Renaming is all that differs from a file whose provider gave the written ids in the first place."""
+    run_make(tmp_path / "numbered", write_current_inputs(tmp_path / "numbered"))
+    inputs = write_current_inputs(tmp_path / "unique")
+    path = tmp_path / "unique" / "results" / "current.json"
+    messages = json.loads(path.read_text())["simulations"][0]["messages"]
+    written = [m for m in read_out(tmp_path / "numbered")["train"][0]["messages"] if m["role"] != "system"]
+    agent = [m for m in messages if m["role"] == "assistant" or m.get("requestor") == "assistant"]
+    for source, converted in zip(agent, [m for m in written if m["role"] != "user"], strict=True):
+        for call, renamed in zip(source.get("tool_calls") or [], converted.get("tool_calls") or [], strict=True):
+            call["id"] = renamed["id"]
+        if source["role"] == "tool":
+            source["id"] = converted["id"]
+    data = json.loads(path.read_text())
+    data["simulations"][0]["messages"] = messages
+    dump(path, data)
+    metrics = run_make(tmp_path / "unique", inputs)
+    assert metrics["tool_call_ids_renamed"] == 1  # r2's own call_0 repeat; r1 now has none
+    unique = read_out(tmp_path / "unique")["train"][0]
+    numbered = read_out(tmp_path / "numbered")["train"][0]
+    assert {**unique, "source": None} == {**numbered, "source": None}
+
+
+def test_repeated_call_ids_keep_tool_call_ids_unambiguous(tmp_path):
+    run_make(tmp_path, write_current_inputs(tmp_path))
+    params = params_file(tmp_path / "openai_params.yaml")
+    tau2_to_openai.main(["--params", str(params), "--input", str(tmp_path / "tau2.json"),
+                         "--out", str(tmp_path / "openai"), "--metrics", str(tmp_path / "openai_metrics.json")])
+    records = [json.loads(line) for split in ("train", "test")
+               for line in (tmp_path / "openai" / f"{split}.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    calls_written = 0
+    for record in records:
+        call_ids = [c["id"] for m in record["messages"] for c in m.get("tool_calls") or []]
+        assert len(call_ids) == len(set(call_ids))
+        calls_written += len(call_ids)
+        open_calls = {}
+        for message in record["messages"]:
+            if message["role"] == "assistant":
+                assert not open_calls
+                open_calls = {c["id"]: c["function"]["arguments"] for c in message.get("tool_calls") or []}
+            elif message["role"] == "tool":
+                arguments = json.loads(open_calls.pop(message["tool_call_id"]))
+                # Every details result here names the id its call asked for: the pairing is the call's own.
+                assert "id" not in arguments or arguments["id"] in message["content"]
+        assert not open_calls
+    assert calls_written == 14
+
+
+def test_results_without_repeats_convert_as_before(tmp_path, monkeypatch):
+    """The shipped sample's conversion, byte for byte, as it was before repeated ids were accepted."""
+    monkeypatch.chdir(REPO_ROOT)  # relative inputs keep the written `source` paths independent of the checkout
+    sample = SAMPLE.relative_to(REPO_ROOT)
+    inputs = {"results": [sample / "results"], "split_tasks": sample / "split_tasks.json",
+              "tools": sample / "tools.json"}
+    metrics = run_make(tmp_path, inputs, success_only=True, skip_unsplit=False,
+                       system_prompt_template="Policy:\n\n{policy}")
+    assert (metrics["simulations_kept"], metrics["tool_calls"], metrics["tool_call_ids_renamed"]) == (32, 96, 0)
+    digest = hashlib.sha256((tmp_path / "tau2.json").read_bytes()).hexdigest()
+    assert digest == "ebc2fbad3240de41b43b3f18182df149f1e52dbc2204eda5a31d3b897d6392d2"
+
+
+def set_current_message(sim_index, index, message):
+    def change(data):
+        data["simulations"][sim_index]["messages"][index] = message
+    return change
+
+
+REPEATED_ID_ERRORS = [
+    ("id twice in one assistant turn",
+     set_current_message(0, 12, assistant(None, (f"{P}_get_details_by_id_0", "get_details_by_id", {"id": "P7"}),
+                                          (f"{P}_get_details_by_id_0", "get_details_by_id", {"id": "P8"}))),
+     "simulation 'r1' messages[12] tool_calls[1]: tool call id 'functions_get_details_by_id_0' "
+     "repeats within one assistant turn (also tool_calls[0])"),
+    ("result of an id already answered",
+     set_current_message(1, 7, tool("call_0", '{"ticket_id": "TCK-3"}')),
+     "simulation 'r2' messages[7]: tool result 'call_0' answers no open tool call of the agent"),
+]
+
+
+@pytest.mark.parametrize("case, change, message", REPEATED_ID_ERRORS, ids=[c[0] for c in REPEATED_ID_ERRORS])
+def test_ambiguous_repeated_ids_stop_with_one_line(tmp_path, case, change, message):
+    inputs = write_current_inputs(tmp_path)
+    path = tmp_path / "results" / "current.json"
+    data = json.loads(path.read_text())
+    change(data)
+    dump(path, data)
+    with pytest.raises(StageError) as raised:
+        run_make(tmp_path, inputs)
+    assert str(raised.value) == f"{path}: {message}"
+    assert not (tmp_path / "tau2.json").exists() and not (tmp_path / "metrics.json").exists()
 
 
 # --- bad input: one line naming the file and record or the params key, and no output ---------
