@@ -19,19 +19,18 @@ encoded once without padding, and its KV cache serves both samples drawn from it
 """
 
 import argparse
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from stages.lib import StageError, run_stage
+from stages.lib import run_stage
 from stages.lib.generation import sample_pairs
 from stages.lib.io import atomic_dir, write_json
 from stages.lib.log import get_logger, log_config
 from stages.lib.policy import load_policy, require_policy_dir
 from stages.lib.params import DEFAULT_PARAMS, load_section
-from stages.lib.records import PoolRecord, read_prompts, write_pool
+from stages.lib.records import PoolRecord, draw_pools, read_prompts, write_pool
 
 log = get_logger("generate_preferences")
 
@@ -63,33 +62,6 @@ class GeneratePreferencesParams:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}" if self.max_new_tokens < 1
                              else f"batch_size must be at least 1, got {self.batch_size}")
-
-
-def draw_pools(prompts: list[dict], sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
-    """Shuffle conversations with the seed and deal them out whole, in the order of `sizes`, until each pool is full.
-
-    A conversation that overfills a pool gives the pool what it needs; the rest of it goes unused.
-    """
-    by_conversation: dict[str, list[dict]] = {}
-    for prompt in prompts:
-        by_conversation.setdefault(str(prompt["metadata"]["conversation_id"]), []).append(prompt)
-    order = sorted(by_conversation)
-    random.Random(seed).shuffle(order)
-    remaining = iter(order)
-    pools = {}
-    for pool, size in sizes.items():
-        chosen: list[dict] = []
-        while len(chosen) < size:
-            conversation = next(remaining, None)
-            if conversation is None:
-                asked = " + ".join(f"{p} {n}" for p, n in sizes.items())
-                raise StageError(
-                    f"generate_preferences: the pools ask for {sum(sizes.values())} prompts ({asked}) but only "
-                    f"{len(prompts)} prompts in {len(by_conversation)} conversations exist (pools take whole "
-                    f"conversations); lower generate_preferences.{pool}_pool_size")
-            chosen.extend(by_conversation[conversation])
-        pools[pool] = chosen[:size]
-    return pools
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

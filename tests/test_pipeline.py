@@ -161,6 +161,8 @@ def test_experiments_change_dpo_beta_then_compare_and_queue(repo):
         data = experiments[name]["data"]
         assert data["params"]["params.yaml"]["data"]["dpo"]["defaults"]["trainer"]["beta"] == value
         assert "eval_reward_margin" in data["metrics"]["metrics/dpo/rlhf.json"]["data"]
-    margins = [experiments[name]["data"]["metrics"]["metrics/dpo/rlhf.json"]["data"]["eval_reward_margin"]
-               for name in ("beta-03", "beta-04")]
-    assert margins[0] != margins[1]
+    # Each trained with its own beta: the loss -log sigmoid(beta x log-ratio margin) differs even where the
+    # margins, rounded to 4 decimals on a tiny model, may not.
+    results = [experiments[name]["data"]["metrics"]["metrics/dpo/rlhf.json"]["data"] for name in ("beta-03", "beta-04")]
+    keys = ("eval_loss", "eval_reward_margin", "train_loss")
+    assert [results[0][k] for k in keys] != [results[1][k] for k in keys], results

@@ -8,7 +8,8 @@ not at all.
   persuasion example {"context", "response", "metadata": {"conversation_id", "source"?, ...}}
                                                                cmv_preprocess, p4g_preprocess -> sft_dataset
   chat record     {"messages", "tools"?, "metadata"?, ...}    the SFT data splits, persona and agent data
-  prompt          the chat before its last assistant turn      read from chat records by generate_preferences
+  prompt          the chat before its last assistant turn      read from chat records and dealt into pools
+                                                               (whole conversations) by generate_preferences
   pool record     {"prompt", "response_1", "response_2", "metadata": {"prompt_id", ...}}
                                                                generate_preferences -> label_ai, label_human,
                                                                evaluate, tools.label_server
@@ -157,6 +158,33 @@ def read_prompts(paths: Sequence[Path]) -> list[dict]:
             raise StageError(f"{prompt['where']}: metadata needs conversation_id and utterance_id")
         meta["prompt_id"] = f"{meta.get('source', 'data')}:{meta['utterance_id']}"
     return prompts
+
+
+def draw_pools(prompts: list[dict], sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
+    """Shuffle conversations with the seed and deal them out whole, in the order of `sizes`, until each pool is full.
+
+    A conversation that overfills a pool gives the pool what it needs; the rest of it goes unused.
+    """
+    by_conversation: dict[str, list[dict]] = {}
+    for prompt in prompts:
+        by_conversation.setdefault(str(prompt["metadata"]["conversation_id"]), []).append(prompt)
+    order = sorted(by_conversation)
+    random.Random(seed).shuffle(order)
+    remaining = iter(order)
+    pools = {}
+    for pool, size in sizes.items():
+        chosen: list[dict] = []
+        while len(chosen) < size:
+            conversation = next(remaining, None)
+            if conversation is None:
+                asked = " + ".join(f"{p} {n}" for p, n in sizes.items())
+                raise StageError(
+                    f"generate_preferences: the pools ask for {sum(sizes.values())} prompts ({asked}) but only "
+                    f"{len(prompts)} prompts in {len(by_conversation)} conversations exist (pools take whole "
+                    f"conversations); lower generate_preferences.{pool}_pool_size")
+            chosen.extend(by_conversation[conversation])
+        pools[pool] = chosen[:size]
+    return pools
 
 
 def check_prompt(prompt, where: str) -> None:
