@@ -145,6 +145,10 @@ def train_resumable(trainer, output_dir: Path):
         if trainer.is_world_process_zero():
             write_json(output_dir / "base_eval.json", base_eval)
     started = time.perf_counter()
+    from transformers import set_seed
+
+    # The length-grouped sampler shuffles with the global RNG: a resumed run reseeds it as a fresh one does.
+    set_seed(trainer.args.seed)
     result = trainer.train(resume_from_checkpoint=last)
     elapsed = time.perf_counter() - started
     # The trainer may have just evaluated at its last step; do not pay for the same pass twice.
@@ -197,7 +201,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         save_trained(args.out, trainer.model, tokenizer, card,
                      extra=(lambda out: write_json(out / MODEL_TOOLS_FILE, tools)) if tools else None)
         write_json(args.metrics, metrics)
-        shutil.rmtree(output_dir, ignore_errors=True)
+        # Renamed first: a kill during the removal must not leave checkpoints without their base_eval.json.
+        done = output_dir.with_name(output_dir.name + ".done")
+        if output_dir.is_dir():
+            output_dir.rename(done)
+        shutil.rmtree(done, ignore_errors=True)
         log.info("%s: eval loss %.4f (base %.4f) after %d steps, %d tokens at %.0f tokens/s", args.name,
                  metrics["eval_loss"], metrics["base_eval_loss"], metrics["steps"], metrics["tokens_seen"],
                  metrics["tokens_per_second"] or 0)

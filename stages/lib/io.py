@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,12 +56,48 @@ def read_json(path: str | Path) -> Any:
         raise StageError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
 
 
+def _temp_prefix(path: Path) -> str:
+    """`.name.<pid>-`: the writer's pid in its temporary names tells a later write whether they were abandoned."""
+    return f".{path.name}.{os.getpid()}-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed writer whose parent has not reaped it yet still answers signal 0
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _remove_abandoned(path: str | Path) -> None:
+    """Remove the temporary siblings of `path` that a killed writer left (SIGKILL runs no cleanup): those whose
+    writer, the pid in their name, no longer runs. Those of a running writer stay."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-\w+\.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        for sibling in path.parent.iterdir():
+            match = pattern.fullmatch(sibling.name)
+            if match is None or _running(int(match.group(1))):
+                continue
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    sibling.unlink()
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8"):
     """Open a temporary sibling of `path` for writing; rename it over `path` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_abandoned(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
@@ -78,7 +115,8 @@ def atomic_dir(path: str | Path):
     """Yield an empty temporary sibling directory; it replaces `path` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _remove_abandoned(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_UMASK)
     try:
         yield tmp
@@ -87,7 +125,7 @@ def atomic_dir(path: str | Path):
         raise
     old = None
     if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = path.with_name(f"{_temp_prefix(path)}old.tmp")
         os.replace(path, old)
     os.replace(tmp, path)
     if old is not None:

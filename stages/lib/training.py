@@ -91,20 +91,27 @@ def load_variant_params(path, section: str, name: str, cls: type[T]) -> Section:
 
 def trainer_config(config_class: type[T], trainer: Mapping[str, Any], key: str, output_dir: Path, precision: str,
                    where=None, **from_stage) -> T:
-    """`config_class` from a `trainer:` block plus the fields the stage sets; errors name `key.<field>`,
-    or the key `where(field path)` returns (the block the user actually wrote it in)."""
+    """`config_class` from a `trainer:` block plus the fields the stage sets, with every RNG seeded from its
+    `seed`; errors name `key.<field>`, or the key `where(field path)` returns (the block the user actually
+    wrote it in)."""
     import torch
 
     values = {**trainer, **from_stage, "output_dir": str(output_dir), "report_to": "none",
               "bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not torch.cuda.is_available()}
     try:
-        return build(config_class, values, key)
+        config = build(config_class, values, key)
     except StageError as err:
         field_key, _, rest = str(err).partition(": ")
         name = field_key[len(key) + 1:].split(".")[0] if field_key.startswith(key + ".") else None
         if where is None or name is None or name not in trainer:
             raise
         raise StageError(f"{where('trainer.' + field_key[len(key) + 1:])}: {rest}") from None
+    from transformers import set_seed
+
+    # The trainers seed in their own __init__, but trl's SFT and DPO trainers draw the LoRA weights before
+    # that: unseeded, two runs of the same params would start from different adapters.
+    set_seed(config.seed)
+    return config
 
 
 def training_precision(choice: str, method: str, key: str) -> str:
