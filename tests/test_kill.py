@@ -381,8 +381,9 @@ def leftovers(repo: PipelineRepo, outs: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, moment", [("persona_dataset", "random"), ("persona_dataset", "writing"),
-                                           ("token_analysis@persona", "random"), ("reward_model", "random")])
+# Once per stage kind: a data stage killed while it writes its output directory, a training stage
+# without checkpoints killed during training.
+@pytest.mark.parametrize("stage, moment", [("persona_dataset", "writing"), ("reward_model", "random")])
 def test_a_stage_killed_mid_run_leaves_outputs_whole_or_absent(upstream, with_persona, tmp_path, stage, moment):
     spec = STAGES[stage]
     outs, live = spec["outs"], spec.get("live", [])

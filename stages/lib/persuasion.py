@@ -3,7 +3,7 @@
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from stages.lib import StageError
 from stages.lib.models import load_tokenizer
@@ -32,12 +32,20 @@ def render_turns(turns: Sequence[tuple[str, str]], separator: str) -> str:
     return separator.join(f"{label}: {text}" for label, text in turns)
 
 
-def count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:
-    counts = []
+def encodings(tokenizer, texts: Sequence[str]) -> Iterator:
+    """Each text's encoding (tokens with their character offsets), tokenized in batches: one call
+    over a whole corpus would hold every token's encoding at once."""
     for start in range(0, len(texts), TOKENIZE_BATCH):
-        batch = list(texts[start:start + TOKENIZE_BATCH])
-        counts.extend(len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
-    return counts
+        yield from tokenizer(list(texts[start:start + TOKENIZE_BATCH]), add_special_tokens=False).encodings
+
+
+def count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:
+    return [len(encoding) for encoding in encodings(tokenizer, texts)]
+
+
+def tail_start(encoding, text: str, keep: int) -> int:
+    """The character offset at which the last `keep` tokens of `text` begin (its end when none are kept)."""
+    return encoding.offsets[len(encoding) - keep][0] if keep > 0 else len(text)
 
 
 def truncate_front(tokenizer, texts: Sequence[str], budget: int | None) -> tuple[list[str], list[int], list[bool]]:
@@ -45,31 +53,35 @@ def truncate_front(tokenizer, texts: Sequence[str], budget: int | None) -> tuple
 
     Returns (texts, token counts, truncated flags); with a budget larger than the marker,
     every returned count is <= budget. Tokens can merge differently across the new boundary,
-    so a cut text is counted again and cut shorter by the excess until it fits.
+    so a cut text is counted again and cut shorter by the excess until it fits. The first cut
+    comes from the same encoding that counted the text, so each text is tokenized once unless
+    it needs a second cut.
     """
     texts = list(texts)
-    counts = count_tokens(tokenizer, texts)
     truncated = [False] * len(texts)
     if budget is None:
-        return texts, counts, truncated
-    marker_tokens = count_tokens(tokenizer, [TRUNCATION_MARKER])[0]
-    originals = {i: text for i, text in enumerate(texts) if counts[i] > budget}
-    keep = dict.fromkeys(originals, max(budget - marker_tokens, 0))
+        return texts, count_tokens(tokenizer, texts), truncated
+    keep_first = max(budget - count_tokens(tokenizer, [TRUNCATION_MARKER])[0], 0)
+    counts, cuts = [], {}
+    for i, encoding in enumerate(encodings(tokenizer, texts)):
+        counts.append(len(encoding))
+        if len(encoding) > budget:
+            cuts[i] = tail_start(encoding, texts[i], keep_first)
+    originals = {i: texts[i] for i in cuts}
+    keep = dict.fromkeys(originals, keep_first)
     pending = sorted(originals)
     while pending:
-        encodings = tokenizer([originals[i] for i in pending], add_special_tokens=False,
-                              return_offsets_mapping=True)["offset_mapping"]
-        for i, offsets in zip(pending, encodings):
-            cut = offsets[-keep[i]][0] if keep[i] > 0 else len(originals[i])
-            texts[i] = TRUNCATION_MARKER + originals[i][cut:].lstrip()
+        for i in pending:
+            texts[i] = TRUNCATION_MARKER + originals[i][cuts[i]:].lstrip()
             truncated[i] = True
-        recounted = count_tokens(tokenizer, [texts[i] for i in pending])
         still_over = []
-        for i, count in zip(pending, recounted):
+        for i, count in zip(pending, count_tokens(tokenizer, [texts[i] for i in pending])):
             counts[i] = count
             if count > budget and keep[i] > 0:
                 keep[i] = max(keep[i] - (count - budget), 0)
                 still_over.append(i)
+        for i, encoding in zip(still_over, encodings(tokenizer, [originals[i] for i in still_over])):
+            cuts[i] = tail_start(encoding, originals[i], keep[i])
         pending = still_over
     return texts, counts, truncated
 
