@@ -453,8 +453,9 @@ def measure_size(run: Path, size: str, tokenizer: Path, seed: int, baselines: di
     _, peak = run_measured(argv, logs / f"{POOL_ROW}.log")
     dealt = json.loads((logs / f"{POOL_ROW}.log").read_text().strip().splitlines()[-1])
     pools = "/".join(str(dealt["pools"][pool]) for pool in ("ai", "human", "eval"))
+    per_prompt = dealt["seconds"] / max(dealt["prompts"], 1) * 1e9
     rows.append({"row": POOL_ROW, "size": size, "records": dealt["prompts"], "seconds": dealt["seconds"],
-                 "peak_mb": peak, "note": f"pools ai/human/eval {pools}"})
+                 "peak_mb": peak, "note": f"pools ai/human/eval {pools}, {per_prompt:.0f} ns a prompt"})
     print_row(rows[-1], baselines.setdefault(POOL_ROW, rows[-1]))
     return rows
 
