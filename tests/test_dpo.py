@@ -150,6 +150,8 @@ def test_long_prompts_lose_their_middle():
     ({"trainer": {"output_dir": "x"}}, r"^dpo\.defaults\.trainer: output_dir is set by the stage, not in params$"),
     ({"trainer": {"max_length": 40}}, r"^dpo\.defaults\.trainer\.max_length: 40 leaves no room for the responses"),
     ({"trainer": {"betta": 0.1}}, r"^dpo\.defaults\.trainer\.betta: unknown key \(did you mean 'beta'\?\)$"),
+    # As `dvc exp run -S dpo.defaults.trainer.beta=abc` sets it: reported under the key the user wrote.
+    ({"trainer": {"beta": "abc"}}, r"^dpo\.defaults\.trainer\.beta: expected a number, got a string 'abc'$"),
     ({"method": "qlora"}, r"^dpo\.defaults\.method: "),
     ({"max_prompt_tokens": 4}, r"^dpo\.defaults\.max_prompt_tokens: must be at least 32"),
 ])
