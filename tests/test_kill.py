@@ -264,7 +264,7 @@ def resume_log(output: str) -> tuple[int | None, list[int]]:
 
 # The kills, in order: each run after the first resumes from what the one before left.
 #   save: as soon as a new checkpoint folder appears (at least `min_files` in it) with no trainer state yet
-#   step: a seeded random delay after this run's first finished checkpoint
+#   step: a seeded step after this run's first finished checkpoint, then a seeded share of a step's time
 SFT_KILLS = [("save", {"after_step": 2, "min_files": 0}), ("step", {}), ("save", {"min_files": 3})]
 
 
@@ -295,12 +295,19 @@ def test_sft_killed_in_steps_and_saves_resumes_to_the_uninterrupted_result(with_
             run.kill()
             aim = f"during the save of checkpoint-{step} (seen with {seen})"
         else:
-            run.wait_for(lambda: any(step > resumed_from and files is None
-                                     for step, files in checkpoints(killed).items()), "a finished checkpoint")
-            delay = rng.uniform(0.05, 1.5)
-            assert run.sleep(delay), f"sft@persona finished within {delay:.2f} s of its first checkpoint"
+            first = run.wait_for(lambda: min((step for step, files in checkpoints(killed).items()
+                                              if step > resumed_from and files is None), default=None),
+                                 "a finished checkpoint")
+            # A seeded step after that checkpoint, and a seeded share of one step's time into the next: the kill
+            # lands inside training however fast this machine steps (a fixed delay can outlast the run).
+            target = rng.randint(first + 1, 11)
+            run.wait_for(lambda: steps_done(run.output()) >= target - 1, f"step {target - 1}")
+            began = time.monotonic()
+            run.wait_for(lambda: steps_done(run.output()) >= target, f"step {target}")
+            delay = rng.uniform(0.05, 0.9) * (time.monotonic() - began)
+            assert run.sleep(delay), f"sft@persona finished within {delay:.2f} s of step {target}"
             run.kill()
-            aim = f"{delay:.2f} s after the run's first finished checkpoint"
+            aim = f"{delay:.2f} s after step {target}"
         output = run.output()
         assert "Traceback" not in output, f"run {number} failed before its kill:\n{run.tail()}"
         assert resume_log(output) == expected, (f"run {number} resumed from / removed {resume_log(output)}, "
