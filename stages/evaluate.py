@@ -2,19 +2,19 @@
 
 In:  --model   any policy the pipeline wrote: models/base, an SFT / DPO / RL adapter (with its stack), a full model
      --tasks   comma-separated, any of:
-       persuasion  one sampled reply per prompt of the final-eval pool (data/preferences/eval.jsonl, two SFT
-                   samples per prompt), judged by the reward model against both SFT samples: win rate with a
-                   bootstrap 95% interval, mean reward
+       persuasion  one sampled reply per prompt of the final-eval pool (data/preferences/eval.jsonl), kept in
+                   samples.jsonl for the compare stage, which judges them against the pool's SFT samples
        agent       assistant-token loss on the agent test split; tool-call validity at its tool-calling turns
                    (the call parses, names a tool of the record's schemas, its arguments fit that tool's schema)
        persona     share of greedy outputs on the persona val split that are JSON with exactly N types, each
                    text holding every REQUIRED_HEADER of its prompt
-       style       mean reward of replies to the RL stage's held-out starters (`rl` params: same split, seed,
-                   temperature, length) and KL to --reference (the RL start policy)
+       style       replies to the RL stage's held-out starters (`rl` params: same split, seed, temperature,
+                   length), kept for the compare stage's style judges, and KL to --reference (the RL start policy)
        perplexity  assistant-token perplexity on the persuasion test split
      params `evaluate` (sample sizes, generation settings), `rl` (style)
 Out: metrics/eval/<name>.json   one block per task
-     plots/eval/<name>/         per-prompt rewards (persuasion_rewards.tsv, style_rewards.tsv) and samples.jsonl
+     plots/eval/<name>/         samples.jsonl: every reply, one line per prompt (the judges read it, so adding a judge
+                                never samples again)
 
     python -m stages.evaluate --model models/dpo/rlaif --name dpo_rlaif --tasks persuasion,perplexity \
         --out metrics/eval/dpo_rlaif.json --samples plots/eval/dpo_rlaif
@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import re
-import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,12 +32,11 @@ from typing import Sequence
 from stages.lib import StageError, run_stage
 from stages.lib.chat import resolve_chat_template
 from stages.lib.generation import generate_batches, reply_logprobs, sample_replies
-from stages.lib.io import iter_jsonl, require_path, write_json, write_jsonl
+from stages.lib.io import atomic_dir, iter_jsonl, require_path, write_json, write_jsonl
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, build, load_params, parse_section
 from stages.lib.policy import load_policy, policy_stack, require_policy_dir
-from stages.lib.records import (read_chat_records, read_pool, read_starters, rewards_path, split_starters,
-                                write_rewards)
+from stages.lib.records import read_chat_records, read_pool, read_starters, split_starters
 from stages.lib.schema import schema_errors
 
 log = get_logger("evaluate")
@@ -95,14 +93,13 @@ class PerplexityEval:
 class EvaluateParams:
     batch_size: int  # prompts per generate call
     seed: int
-    bootstrap_resamples: int  # for the win rate's 95% interval
     persuasion: PersuasionEval
     agent: AgentEval
     persona: PersonaEval
     perplexity: PerplexityEval
 
     def __post_init__(self):
-        _at_least(self, ["batch_size", "bootstrap_resamples"])
+        _at_least(self, ["batch_size"])
 
 
 @dataclass
@@ -190,41 +187,17 @@ def keeps_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def bootstrap_interval(values: list[float], resamples: int, seed: int) -> tuple[float, float]:
-    """95% percentile interval of the mean of `values`, resampling them with replacement."""
-    import numpy as np
-
-    data = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def win(score: float, other: float) -> float:
-    return 1.0 if score > other else 0.5 if score == other else 0.0
-
-
-def eval_persuasion(model, tokenizer, params: EvaluateParams, pool_path: Path, reward_fn, samples: list) -> dict:
+def eval_persuasion(model, tokenizer, params: EvaluateParams, pool_path: Path, samples: list) -> dict:
     rows = first(read_pool(pool_path), params.persuasion.max_prompts)
     if not rows:
         raise StageError(f"{pool_path}: no prompts to evaluate on")
     p = params.persuasion
     replies = generate(model, tokenizer, [render(tokenizer, r["prompt"]) for r in rows], p.max_new_tokens,
                        params.batch_size, params.seed, p.temperature, p.top_p)
-    scores = reward_fn([text for r, reply in zip(rows, replies) for text in (reply, r["response_1"], r["response_2"])])
-    wins, per_prompt = [], []
-    for i, (row, reply) in enumerate(zip(rows, replies)):
-        own, sft_1, sft_2 = scores[3 * i:3 * i + 3]
-        wins.append((win(own, sft_1) + win(own, sft_2)) / 2)
-        prompt_id = row["metadata"]["prompt_id"]
-        per_prompt.append({"prompt_id": prompt_id, "reward": own, "sft_reward_1": sft_1, "sft_reward_2": sft_2})
-        samples.append({"task": "persuasion", "prompt_id": prompt_id, "reply": reply, "reward": round(own, 4)})
-    low, high = bootstrap_interval(wins, params.bootstrap_resamples, params.seed)
-    own_rewards = [r["reward"] for r in per_prompt]
-    sft_rewards = [r[k] for r in per_prompt for k in ("sft_reward_1", "sft_reward_2")]
-    return {"win_rate_vs_sft": round(sum(wins) / len(wins), 4), "win_rate_low": round(low, 4),
-            "win_rate_high": round(high, 4), "mean_reward": round(sum(own_rewards) / len(own_rewards), 4),
-            "sft_mean_reward": round(sum(sft_rewards) / len(sft_rewards), 4), "prompts": len(rows)}, per_prompt
+    for row, reply in zip(rows, replies):
+        samples.append({"task": "persuasion", "prompt_id": row["metadata"]["prompt_id"], "reply": reply})
+    return {"prompts": len(rows), "mean_words": round(sum(len(r.split()) for r in replies) / len(replies), 1),
+            "empty_replies": sum(not r for r in replies)}
 
 
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
@@ -317,11 +290,10 @@ def eval_persona(model, tokenizer, params: EvaluateParams, val_path: Path, sampl
 
 
 def eval_style(model, tokenizer, model_dir: Path, reference: Path, params_path: Path, starters_path: Path,
-               reward_fn, samples: list) -> tuple[dict, list[dict]]:
+               samples: list) -> dict:
     rl = style_starters_params(params_path)
     _, held_out = split_starters(read_starters(starters_path), rl.seed, rl.eval_prompts, rl.batch_size, starters_path)
     replies = sample_replies(model, tokenizer, [s["prompt"] for s in held_out], rl)
-    rewards = [reward_fn(group) for group in replies.texts]
     if policy_stack(model_dir) == policy_stack(reference):
         kl = 0.0
     else:
@@ -329,14 +301,11 @@ def eval_style(model, tokenizer, model_dir: Path, reference: Path, params_path: 
         own = reply_logprobs(model, replies, rl.temperature)
         ref = reply_logprobs(reference_model.to(model.device), replies, rl.temperature)
         kl = sum(o - r for o, r in zip(own, ref)) / len(own)
-    per_prompt = []
-    for starter, texts, scores in zip(held_out, replies.texts, rewards):
-        per_prompt.append({"prompt_id": starter["id"], "reward": sum(scores) / len(scores)})
-        samples.append({"task": "style", "prompt_id": starter["id"], "replies": texts,
-                        "rewards": [round(x, 4) for x in scores]})
-    flat = [x for group in rewards for x in group]
-    return {"mean_reward": round(sum(flat) / len(flat), 4), "kl_to_reference": round(kl, 4),
-            "reference": str(reference), "replies": len(flat)}, per_prompt
+    for starter, texts in zip(held_out, replies.texts):
+        samples.append({"task": "style", "prompt_id": starter["id"], "prompt": starter["prompt"], "replies": texts})
+    flat = [t for group in replies.texts for t in group]
+    return {"kl_to_reference": round(kl, 4), "reference": str(reference), "replies": len(flat),
+            "mean_words": round(sum(len(t.split()) for t in flat) / len(flat), 1)}
 
 
 def eval_perplexity(model, tokenizer, params: EvaluateParams, heldout_path: Path) -> dict:
@@ -352,7 +321,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--name", required=True, help="the model's name in reports (metrics/eval/<name>.json)")
     parser.add_argument("--tasks", required=True, type=parse_tasks, help=f"comma-separated: {', '.join(TASKS)}")
     parser.add_argument("--pool", type=Path, default=Path("data/preferences/eval.jsonl"))
-    parser.add_argument("--reward-model", type=Path, default=Path("models/reward"))
     parser.add_argument("--agent-test", type=Path, default=Path("data/agent/openai/test.jsonl"))
     parser.add_argument("--persona", type=Path, default=Path("data/persona/val.jsonl"))
     parser.add_argument("--starters", type=Path, default=Path("data/raw/starters/starters.jsonl"))
@@ -365,9 +333,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     params = parse_section(load_params(args.params), "evaluate", EvaluateParams)
     model_dir = require_policy_dir(args.model, "--model")
-    inputs = {"persuasion": [("--pool", args.pool), ("--reward-model", args.reward_model)],
+    inputs = {"persuasion": [("--pool", args.pool)],
               "agent": [("--agent-test", args.agent_test)], "persona": [("--persona", args.persona)],
-              "style": [("--starters", args.starters), ("--reward-model", args.reward_model)],
+              "style": [("--starters", args.starters)],
               "perplexity": [("--heldout", args.heldout)]}
     for task in args.tasks:
         for key, path in inputs[task]:
@@ -378,33 +346,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     import torch
 
-    from stages.lib.reward import load_reward_fn
-
     model, tokenizer = load_policy(model_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    reward_fn = load_reward_fn(args.reward_model) if {"persuasion", "style"} & set(args.tasks) else None
-    metrics, samples, rewards = {"model": args.name, "path": str(model_dir)}, [], {}
+    metrics, samples = {"model": args.name, "path": str(model_dir)}, []
     for task in args.tasks:
         task_started = time.perf_counter()
         if task == "persuasion":
-            metrics[task], rewards[task] = eval_persuasion(model, tokenizer, params, args.pool, reward_fn, samples)
+            metrics[task] = eval_persuasion(model, tokenizer, params, args.pool, samples)
         elif task == "agent":
             metrics[task] = eval_agent(model, tokenizer, params, args.agent_test, samples)
         elif task == "persona":
             metrics[task] = eval_persona(model, tokenizer, params, args.persona, samples)
         elif task == "style":
-            metrics[task], rewards[task] = eval_style(model, tokenizer, model_dir, args.reference, args.params,
-                                                      args.starters, reward_fn, samples)
+            metrics[task] = eval_style(model, tokenizer, model_dir, args.reference, args.params, args.starters,
+                                       samples)
         else:
             metrics[task] = eval_perplexity(model, tokenizer, params, args.heldout)
         log.info("%s %s: %s (%.0f s)", args.name, task, json.dumps(metrics[task]), time.perf_counter() - task_started)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
 
-    shutil.rmtree(args.samples, ignore_errors=True)
-    args.samples.mkdir(parents=True)
-    for task, rows in rewards.items():
-        write_rewards(rewards_path(args.samples, task), rows)
-    write_jsonl(args.samples / "samples.jsonl", samples)
+    with atomic_dir(args.samples) as tmp:
+        write_jsonl(tmp / "samples.jsonl", samples)
     write_json(args.out, metrics)
     return metrics
 

@@ -1,10 +1,10 @@
-"""Style RL: tune a policy so the reward model scores its replies to conversation starters higher.
+"""Style RL: tune a policy so its judges (by default the style reward model) score its replies to starters higher.
 
 In:  the starting policy, `--start` (default `rl.start`): models/base, an SFT adapter such as
-     models/sft/persuasion, or any policy directory the pipeline wrote;
+     models/sft/persuasion or models/sft/persona, or any policy directory the pipeline wrote;
      conversation starters, JSONL `{"id": int, "prompt": str}` (data/raw/starters/README.md);
-     the reward model (models/reward, written by the reward_model stage);
-     params `rl` (`algorithm`: ppo | grpo | rloo; any field of that trl config under `trainer:`)
+     params `rl` (`algorithm`: ppo | grpo | rloo; `rewards`: judges from `judges` with weights, e.g. the style
+     reward model plus a negative weight on a second scorer; any field of that trl config under `trainer:`)
 Out: models/rl/       LoRA adapter (+ stack.json when trained on top of merged adapters) or full model,
                       tokenizer, README.md model card, eval_replies.jsonl (held-out replies before / after)
      metrics/rl.json  mean reward of held-out replies before and after training, KL, steps, seconds
@@ -13,19 +13,19 @@ Out: models/rl/       LoRA adapter (+ stack.json when trained on top of merged a
                       starter, before / after)
 
     python -m stages.rl --start models/base \
-        --prompts data/raw/starters/starters.jsonl --reward-model models/reward \
+        --prompts data/raw/starters/starters.jsonl \
         --out models/rl --metrics metrics/rl.json --plots plots/rl
 
 PPO is trl's own (`trl.experimental.ppo`, present up to trl 1.12): it feeds the policy's token ids to the
 reward model and to a value model initialised from it, so the reward model must share the policy's
-tokenizer (`reward_model.base: policy`). GRPO and RLOO are trl's stable trainers; they score reply texts
-through `load_reward_fn`, so any reward model works there. The KL reference is always the starting policy.
+tokenizer (`reward_model.base: policy`): `rl.rewards` must be that one reward model. GRPO and RLOO are trl's
+stable trainers; they score reply texts with the weighted sum of any scalar judges (reward models, scalar LLM
+judges, Python callables). The KL reference is always the starting policy.
 """
 
 import argparse
 import copy
 import gc
-import json
 import shutil
 import tempfile
 import time
@@ -41,7 +41,7 @@ from stages.lib.models import load_tokenizer
 from stages.lib.params import DEFAULT_PARAMS, load_section
 from stages.lib.policy import load_merged, policy_stack, require_policy_dir
 from stages.lib.records import read_starters, split_starters
-from stages.lib.reward import REWARD_CONFIG, load_reward_fn
+from stages.lib.judges import identity, load_judge, resolve_judges
 from stages.lib.training import (LoraParams, check_qlora, live_callbacks, load_trainable, model_card, model_config,
                                  refuse_stage_fields, save_trained, trainer_config, training_precision)
 
@@ -79,8 +79,15 @@ class AlgorithmTrainers:
 
 
 @dataclass
+class RewardTerm:
+    judge: str  # a scalar judge under `judges`
+    weight: float  # its score times this is added to the reward (negative: a penalty)
+
+
+@dataclass
 class RLParams:
     algorithm: Literal["ppo", "grpo", "rloo"]
+    rewards: list[RewardTerm]  # ppo: exactly one reward model sharing the policy's tokenizer
     start: str  # the starting policy (dvc.yaml passes it as --start and tracks it)
     method: Literal["lora", "qlora", "full"]  # qlora: 4-bit NF4 frozen start weights (bitsandbytes)
     lora: LoraParams
@@ -99,6 +106,8 @@ class RLParams:
     trainer: AlgorithmTrainers
 
     def __post_init__(self):
+        if not self.rewards:
+            raise ValueError("rewards must name at least one judge")
         for name in ("steps", "batch_size", "response_length", "eval_prompts", "eval_generations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -112,13 +121,13 @@ class RLParams:
             raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
-def check_reward_tokenizer(policy_tokenizer, reward_dir: Path) -> None:
+def check_reward_tokenizer(policy_tokenizer, reward_dir: Path, name: str) -> None:
     """PPO hands policy token ids to the reward and value models: the vocabularies must be the same."""
     reward_tokenizer = load_tokenizer(reward_dir)
     if reward_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
         sizes = (len(reward_tokenizer.get_vocab()), len(policy_tokenizer.get_vocab()))
         what = f"vocab {sizes[0]} vs {sizes[1]}" if sizes[0] != sizes[1] else f"same size {sizes[0]}, different tokens"
-        raise StageError(f"--reward-model {reward_dir}: its tokenizer differs from the policy's ({what}); PPO feeds "
+        raise StageError(f"judges.{name}.model {reward_dir}: its tokenizer differs from the policy's ({what}); PPO feeds "
                          f"policy token ids to the reward model: retrain it with reward_model.base: policy, "
                          f"or use rl.algorithm: grpo | rloo")
 
@@ -135,7 +144,7 @@ def single_logit_model(reward_dir: Path):
     model = AutoModelForSequenceClassification.from_pretrained(str(reward_dir), dtype=torch.float32)
     head = getattr(model, "score", None)
     if not isinstance(head, torch.nn.Linear) or not hasattr(model, model.base_model_prefix):
-        raise StageError(f"--reward-model {reward_dir}: PPO needs a decoder reward model with a linear `score` head "
+        raise StageError(f"reward model {reward_dir}: PPO needs a decoder reward model with a linear `score` head "
                          f"(got {type(model).__name__}); use rl.algorithm: grpo | rloo")
     if head.out_features == 2:
         single = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None, dtype=head.weight.dtype)
@@ -146,7 +155,7 @@ def single_logit_model(reward_dir: Path):
         model.score = single
         model.config.num_labels = 1
     elif head.out_features != 1:
-        raise StageError(f"--reward-model {reward_dir}: expected a 1- or 2-class head, got {head.out_features} outputs")
+        raise StageError(f"reward model {reward_dir}: expected a 1- or 2-class head, got {head.out_features} outputs")
     return model
 
 
@@ -222,9 +231,36 @@ def ppo_pad_token(tokenizer) -> str:
 def style_reward_fn(reward_fn):
     def style_reward(prompts, completions, **kwargs) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return reward_fn(texts)
+        starters = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+        return reward_fn(texts, starters)
 
     return style_reward
+
+
+def reward_judges(params: RLParams, params_path: Path) -> list:
+    """The judges of `rl.rewards`, checked before any model loads; PPO takes one reward model and nothing else."""
+    refs = resolve_judges(params_path, [(f"rl.rewards[{i}].judge", term.judge) for i, term in enumerate(params.rewards)],
+                          scalar=True)
+    if params.algorithm == "ppo" and (len(refs) != 1 or refs[0].spec.kind != "reward_model"
+                                      or params.rewards[0].weight != 1):
+        raise StageError("rl.rewards: ppo feeds policy token ids to one reward model, so it takes exactly one "
+                         "reward_model judge with weight 1; use rl.algorithm: grpo | rloo for other or several judges")
+    return refs
+
+
+def combined_reward(refs: list, params: RLParams):
+    """`reward_fn(replies, starters=None)`: the weighted sum of the judges' scores of each reply."""
+    judges = [(load_judge(ref, batch_size=32), term.weight) for ref, term in zip(refs, params.rewards)]
+
+    def reward_fn(texts: list[str], starters: list[str] | None = None) -> list[float]:
+        prompts = [[{"role": "user", "content": s}] for s in (starters or [""] * len(texts))]
+        total = [0.0] * len(texts)
+        for judge, weight in judges:
+            for i, score in enumerate(judge.score(prompts, texts)):
+                total[i] += weight * score
+        return total
+
+    return reward_fn
 
 
 def load_start_policy(start_dir: Path, model_args, work: Path):
@@ -314,15 +350,16 @@ def log_plots(live, curves: list[dict], held_out: list[dict], before: list[list[
                   title="RL held-out reward per starter (after vs before training)")
 
 
-def card_facts(params: RLParams, metrics: dict, start_dir: Path, reward_dir: Path, adapters: list[Path]) -> list[str]:
-    reward_info = json.loads((reward_dir / REWARD_CONFIG).read_text())
+def card_facts(params: RLParams, metrics: dict, start_dir: Path, adapters: list[Path]) -> list[str]:
+    terms = "; ".join(f"{r['weight']} x {r['name']} ({r['kind']}: {r.get('model') or r.get('function')})"
+                      for r in metrics["rewards"])
     trained = {"lora": "a LoRA adapter", "qlora": "a LoRA adapter on 4-bit weights"}.get(params.method, "all weights")
     return [
         f"Algorithm: {params.algorithm} (trl{'.experimental.ppo' if params.algorithm == 'ppo' else ''}), "
         f"trained {trained}",
         f"Start policy: `{start_dir}`"
         + (f", adapters merged before training: {', '.join(f'`{a}`' for a in adapters)}" if adapters else ""),
-        f"Reward model: `{reward_dir}` ({reward_info.get('objective')}, base `{reward_info.get('base')}`)",
+        f"Reward: {terms}",
         f"KL coefficient {params.kl_coef} against the start policy; {params.steps} steps of {params.batch_size} "
         f"starters; learning rate {params.learning_rate}; temperature {params.temperature}; "
         f"replies up to {params.response_length} tokens",
@@ -340,7 +377,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--params", default=DEFAULT_PARAMS)
     parser.add_argument("--start", type=Path, help="the starting policy (default: rl.start)")
     parser.add_argument("--prompts", required=True, type=Path)
-    parser.add_argument("--reward-model", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--metrics", required=True, type=Path)
     parser.add_argument("--plots", required=True, type=Path, help="this run's DVCLive directory")
@@ -359,16 +395,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         raise StageError(f"{start_dir}: the policy's tokenizer has no chat template to render the starters with")
+    refs = reward_judges(params, args.params)
+    reward_dir = Path(refs[0].spec.model) if params.algorithm == "ppo" else None
     if params.algorithm == "ppo":
-        check_reward_tokenizer(tokenizer, args.reward_model)
-    reward_fn = load_reward_fn(args.reward_model)
+        check_reward_tokenizer(tokenizer, reward_dir, refs[0].name)
+    reward_fn = combined_reward(refs, params)
     work = Path(tempfile.mkdtemp(prefix="rl-"))
     try:
         config = rl_config(params, work, precision)
         log_config(log, "rl", {**config_dict(params), "precision": precision, "start_dir": str(start_dir),
                                "train_starters": len(train), "held_out_starters": len(held_out)})
         metrics = train_and_save(args, params, config, start_dir, tokenizer, reward_fn, train, held_out, work,
-                                 precision)
+                                 precision, reward_dir, [identity(ref) for ref in refs])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
@@ -393,7 +431,7 @@ def held_out_kl(policy, reference, replies, params: RLParams) -> float:
 
 
 def train_and_save(args, params: RLParams, config, start_dir: Path, tokenizer, reward_fn, train: list[dict],
-                   held_out: list[dict], work: Path, precision: str) -> dict:
+                   held_out: list[dict], work: Path, precision: str, reward_dir: Path | None, judges: list[dict]) -> dict:
     import torch
     from transformers import set_seed
 
@@ -401,14 +439,14 @@ def train_and_save(args, params: RLParams, config, start_dir: Path, tokenizer, r
     prompts = [s["prompt"] for s in held_out]
     start_model = load_merged(start_dir).to("cuda" if torch.cuda.is_available() else "cpu")
     before = sample_replies(start_model, tokenizer, prompts, params)
-    rewards_before = [reward_fn(group) for group in before.texts]
+    rewards_before = [reward_fn(group, [p] * len(group)) for p, group in zip(prompts, before.texts)]
     # With LoRA the trained policy with its adapter disabled is exactly the starting model: keep no copy.
     reference = start_model.eval().requires_grad_(False) if params.method == "full" else None
     del start_model
 
     callbacks = live_callbacks(args.plots)
     set_seed(params.seed)
-    trainer = build_trainer(params, config, start_dir, reference, tokenizer, args.reward_model, reward_fn,
+    trainer = build_trainer(params, config, start_dir, reference, tokenizer, reward_dir, reward_fn,
                             train, held_out, callbacks, work, precision)
     train_started = time.perf_counter()
     # trl's PPO runs a full gc.collect() twice a step; with torch and transformers loaded each one walks
@@ -422,11 +460,12 @@ def train_and_save(args, params: RLParams, config, start_dir: Path, tokenizer, r
 
     policy = trained_policy(trainer, params.algorithm)
     after = sample_replies(policy, tokenizer, prompts, params)
-    rewards_after = [reward_fn(group) for group in after.texts]
+    rewards_after = [reward_fn(group, [p] * len(group)) for p, group in zip(prompts, after.texts)]
     curves = training_curves(trainer.state.log_history, params.algorithm)
     train_kl = [r["kl"] for r in curves if r["kl"] is not None]
     metrics = {
         "algorithm": params.algorithm, "start": str(start_dir), "method": params.method,
+        "rewards": [{**judge, "weight": term.weight} for judge, term in zip(judges, params.rewards)],
         "reward_before": round(mean(x for group in rewards_before for x in group), 4),
         "reward_after": round(mean(x for group in rewards_after for x in group), 4),
         "eval_kl": held_out_kl(policy, reference, after, params),
@@ -443,7 +482,7 @@ def train_and_save(args, params: RLParams, config, start_dir: Path, tokenizer, r
                 "reward_before": [round(x, 4) for x in rb], "reward_after": [round(x, 4) for x in ra]}
                for s, b, a, rb, ra in zip(held_out, before.texts, after.texts, rewards_before, rewards_after)]
     card = model_card(f"Style RL policy ({params.algorithm.upper()})",
-                      card_facts(params, metrics, start_dir, args.reward_model, adapters),
+                      card_facts(params, metrics, start_dir, adapters),
                       {"Starters": args.prompts}, metrics, config_dict(params), USAGE)
     save_trained(args.out, policy, tokenizer, card, stack=(base_dir, adapters) if adapters else None,
                  extra=lambda out: write_jsonl(out / "eval_replies.jsonl", replies))

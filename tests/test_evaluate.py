@@ -4,17 +4,16 @@ import math
 import pytest
 import torch
 
-from stages import evaluate, report
+from stages import evaluate
 from stages.lib import StageError
 from stages.lib.policy import load_policy
-from stages.lib.reward import load_reward_fn
 from stages.lib.schema import schema_errors
 from tests.chats import TOOLS, chat, tool_chat, write_jsonl
 from tests.conftest import REPO_ROOT, params_file
-from tests.tiny import build_tokenizer, save_tiny_reward_model
+from tests.tiny import build_tokenizer
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
-FAST = {"batch_size": 4, "bootstrap_resamples": 500,
+FAST = {"batch_size": 4,
         "persuasion": {"max_new_tokens": 6}, "agent": {"max_new_tokens": 8, "max_tool_prompts": 2},
         "persona": {"max_new_tokens": 8}, "perplexity": {"max_examples": 3}}
 RL = {"eval_prompts": 2, "eval_generations": 2, "response_length": 6}
@@ -39,7 +38,6 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-inputs")
     return {
         "pool": write_jsonl(root / "pool.jsonl", [pool_row(i) for i in range(6)]),
-        "reward": save_tiny_reward_model(root / "reward", build_tokenizer()),
         "agent": write_jsonl(root / "agent.jsonl", [tool_chat(i) for i in range(3)]),
         "persona": write_jsonl(root / "persona.jsonl", [persona_record(2), persona_record(3)]),
         "heldout": write_jsonl(root / "heldout.jsonl", [chat(i) for i in range(4)]),
@@ -49,7 +47,7 @@ def inputs(tmp_path_factory):
 def run(workdir, model, tasks, inputs, name="m", reference=None, **section):
     params = params_file(workdir / "params.yaml", {"evaluate": {**FAST, **section}, "rl": RL})
     argv = ["--params", str(params), "--model", str(model), "--name", name, "--tasks", tasks,
-            "--pool", str(inputs["pool"]), "--reward-model", str(inputs["reward"]),
+            "--pool", str(inputs["pool"]),
             "--agent-test", str(inputs["agent"]), "--persona", str(inputs["persona"]),
             "--starters", str(REPO_ROOT / "data" / "raw" / "starters" / "starters.jsonl"),
             "--reference", str(reference or model), "--heldout", str(inputs["heldout"]),
@@ -82,25 +80,18 @@ def assistant_loss_by_hand(model_dir, records, template_choice="auto"):
     return total / count
 
 
-def test_persuasion_win_rate_is_judged_against_both_sft_samples(workdir, tiny_model_dir, inputs):
+def test_persuasion_replies_are_sampled_for_the_judges(workdir, tiny_model_dir, inputs):
     metrics = run(workdir, tiny_model_dir, "persuasion,perplexity", inputs)
     block = metrics["persuasion"]
     replies = samples_of(workdir, "persuasion")
     assert [r["prompt_id"] for r in replies] == [f"p{i}" for i in range(6)] and block["prompts"] == 6
-    reward_fn = load_reward_fn(inputs["reward"])
-    own = reward_fn([r["reply"] for r in replies])
-    rows = [pool_row(i) for i in range(6)]
-    sft = [(a, b) for a, b in zip(reward_fn([r["response_1"] for r in rows]), reward_fn([r["response_2"] for r in rows]))]
-    wins = [((o > a) + 0.5 * (o == a) + (o > b) + 0.5 * (o == b)) / 2 for o, (a, b) in zip(own, sft)]
-    assert block["win_rate_vs_sft"] == pytest.approx(sum(wins) / 6, abs=1e-4)
-    assert block["win_rate_low"] <= block["win_rate_vs_sft"] <= block["win_rate_high"]
-    assert block["mean_reward"] == pytest.approx(sum(own) / 6, abs=1e-3)
-    tsv = (workdir / "samples" / "persuasion_rewards.tsv").read_text().splitlines()
-    assert tsv[0] == "prompt_id\treward\tsft_reward_1\tsft_reward_2" and len(tsv) == 7
+    assert block["mean_words"] == pytest.approx(sum(len(r["reply"].split()) for r in replies) / 6, abs=0.05)
+    again = run(workdir, tiny_model_dir, "persuasion", inputs)  # seeded: the same replies again
+    assert samples_of(workdir, "persuasion") == replies and again["persuasion"] == block
 
     expected = math.exp(assistant_loss_by_hand(tiny_model_dir, [chat(i) for i in range(3)]))
     assert metrics["perplexity"]["perplexity"] == pytest.approx(expected, rel=1e-3)
-    assert json.loads((workdir / "eval.json").read_text()) == metrics
+    assert json.loads((workdir / "eval.json").read_text()) == again
 
 
 def test_agent_loss_and_tool_call_validity(workdir, tiny_model_dir, inputs, monkeypatch):
@@ -134,7 +125,7 @@ def test_persona_validity_counts_types_and_headers(workdir, tiny_model_dir, inpu
     assert block == {"valid": 0.5, "valid_json": 1.0, "right_count": 0.5, "all_headers": 1.0, "examples": 2}
 
 
-def test_style_reward_and_kl_to_the_reference(workdir, tiny_model_dir, inputs, tmp_path_factory):
+def test_style_replies_and_kl_to_the_reference(workdir, tiny_model_dir, inputs, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     same = run(workdir, tiny_model_dir, "style", inputs)["style"]
@@ -149,9 +140,7 @@ def test_style_reward_and_kl_to_the_reference(workdir, tiny_model_dir, inputs, t
     tuned = run(workdir, sharp, "style", inputs, reference=tiny_model_dir)["style"]
     assert tuned["kl_to_reference"] > 5.0
     replies = samples_of(workdir, "style")
-    flat = [x for r in replies for x in r["rewards"]]
-    assert tuned["mean_reward"] == pytest.approx(sum(flat) / len(flat), abs=1e-3)
-    assert load_reward_fn(inputs["reward"])(replies[0]["replies"]) == pytest.approx(replies[0]["rewards"], abs=1e-3)
+    assert len(replies) == 2 and all(len(r["replies"]) == 2 and r["prompt"] for r in replies)
 
 
 @pytest.mark.parametrize("value, schema, errors", [
@@ -189,13 +178,6 @@ def test_check_tool_calls(text, expected):
     assert (check["called"], check["parsed"], check["known_tool"], check["valid"]) == expected
 
 
-def test_bootstrap_interval_brackets_the_mean():
-    values = [1.0] * 7 + [0.0] * 3
-    low, high = evaluate.bootstrap_interval(values, 2000, 0)
-    assert 0.3 < low < 0.7 < high <= 1.0 and (low, high) == evaluate.bootstrap_interval(values, 2000, 0)
-    assert evaluate.bootstrap_interval([1.0] * 5, 100, 0) == (1.0, 1.0)
-
-
 @pytest.mark.parametrize("change, message", [
     ({"tasks": "persuasion,fluency"}, r"^--tasks: unknown task 'fluency' \(have: persuasion, agent, persona, style, "
                                       r"perplexity\)$"),
@@ -216,23 +198,3 @@ def test_persona_record_without_headers_names_the_line(workdir, tiny_model_dir, 
         persona_record(2), {**persona_record(3), "messages": [{"role": "user", "content": "Write 3 types."}]}]))
     with pytest.raises(StageError, match=r"persona\.jsonl:2: the user turn has no REQUIRED_HEADERS line$"):
         run(workdir, tiny_model_dir, "persona", bad)
-
-
-def test_report_tables_every_model_and_plots_win_rates(tmp_path):
-    evals = []
-    for name, rate in (("sft_persuasion", 0.5), ("dpo_rlaif", 0.75)):
-        evals.append(tmp_path / f"{name}.json")
-        evals[-1].write_text(json.dumps({"model": name, "path": f"models/{name}", "persuasion": {
-            "win_rate_vs_sft": rate, "win_rate_low": rate - 0.2, "win_rate_high": rate + 0.1, "mean_reward": rate * 2,
-            "sft_mean_reward": 1.0, "prompts": 12}, "perplexity": {"perplexity": 10.0 + rate}}))
-        (tmp_path / "samples" / name).mkdir(parents=True)
-        (tmp_path / "samples" / name / "persuasion_rewards.tsv").write_text(
-            "prompt_id\treward\tsft_reward_1\tsft_reward_2\np1\t1.5\t0.1\t0.2\np2\t-0.5\t0.3\t0.4\n")
-    result = report.main(["--evals", *map(str, evals), "--samples", str(tmp_path / "samples"),
-                          "--out", str(tmp_path / "reports")])
-    assert result == {"models": 2, "plots": ["win_rate.png", "rewards.png"]}
-    summary = (tmp_path / "reports" / "summary.md").read_text()
-    assert "| dpo_rlaif | 0.75 | 0.55 | 0.85 | 1.5 | 1 | 12 |" in summary
-    assert "| sft_persuasion | 10.5 |" in summary and "![win_rate.png](win_rate.png)" in summary
-    assert (tmp_path / "reports" / "win_rate.tsv").read_text().splitlines()[2] == "dpo_rlaif\t0.75\t0.55\t0.85"
-    assert (tmp_path / "reports" / "win_rate.png").read_bytes()[:4] == b"\x89PNG"

@@ -4,6 +4,7 @@ import pytest
 
 from stages import label_ai
 from stages.lib import StageError
+from stages.lib.judges import conversation_text
 from stages.lib.reward import load_reward_fn
 from tests.chats import write_jsonl
 from tests.conftest import params_file
@@ -26,14 +27,21 @@ def reward_dir(tmp_path_factory):
     return save_tiny_reward_model(tmp_path_factory.mktemp("reward") / "reward", build_tokenizer())
 
 
-def run(tmp_path, reward_dir, judge_model, rows=ROWS, pools=None, **section):
+def judges(reward_dir, judge_model) -> dict:
+    return {"rm": {"kind": "reward_model", "model": str(reward_dir), "criterion": "the tiny reward model"},
+            "llm": {"kind": "pairwise_llm", "model": str(judge_model), "criterion": "Which reply is better?",
+                    "max_context_tokens": 64, "swap": True}}
+
+
+def run(tmp_path, reward_dir, judge_model, rows=ROWS, pools=None, judge_overrides=None, **section):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    params = params_file(tmp_path / "params.yaml", {"label_ai": section})
+    table = judges(reward_dir, judge_model)
+    for name, values in (judge_overrides or {}).items():
+        table[name] = {**table[name], **values}
+    params = params_file(tmp_path / "params.yaml", {"judges": table, "label_ai": {"judge": "rm", **section}})
     pools = pools or [write_jsonl(tmp_path / "pools" / "ai.jsonl", rows)]
-    metrics = label_ai.main(["--params", str(params), "--pools", *map(str, pools), "--reward-model", str(reward_dir),
-                             "--judge-model", str(judge_model), "--out", str(tmp_path / "out"),
-                             "--metrics", str(tmp_path / "metrics.json")])
-    return metrics
+    return label_ai.main(["--params", str(params), "--pools", *map(str, pools), "--out", str(tmp_path / "out"),
+                          "--metrics", str(tmp_path / "metrics.json")])
 
 
 def read(path):
@@ -49,12 +57,14 @@ def test_reward_model_judge_prefers_the_higher_score(tmp_path, reward_dir, tiny_
         first, second = scores[2 * i], scores[2 * i + 1]
         meta = pair["metadata"]
         assert meta["scores"] == pytest.approx([first, second], abs=1e-5)
-        assert meta["grader"] == "reward_model:reward" and meta["is_equal"] is False
+        assert meta["grader"] == "reward_model:rm" and meta["is_equal"] is False
         winner, loser = (row["response_1"], row["response_2"]) if first > second else (row["response_2"], row["response_1"])
         assert (pair["chosen"], pair["rejected"]) == (winner, loser)
         assert meta["preference"] == ("1" if first > second else "2")
         assert pair["prompt"] == row["prompt"] and meta["conversation_id"] == row["metadata"]["conversation_id"]
     assert metrics["ai"]["pairs"] == 6 and metrics["ai"]["preferred_1"] + metrics["ai"]["preferred_2"] == 6
+    assert metrics["judge"]["name"] == "rm" and metrics["judge"]["kind"] == "reward_model"
+    assert metrics["judge"]["model"] == str(reward_dir) and len(metrics["judge"]["hash"]) == 32
 
 
 def test_scores_within_the_tie_margin_are_ties(tmp_path, reward_dir, tiny_model_dir):
@@ -75,37 +85,33 @@ def test_each_pool_file_gets_its_own_output(tmp_path, reward_dir, tiny_model_dir
 def test_llm_judge_is_position_symmetric_with_swap(tmp_path, reward_dir, tiny_model_dir):
     swapped = [{**row, "response_1": row["response_2"], "response_2": row["response_1"]} for row in ROWS]
     run(tmp_path / "a", reward_dir, tiny_model_dir, judge="llm", batch_size=4)
-    run(tmp_path / "b", reward_dir, tiny_model_dir, rows=swapped, judge="llm", batch_size=4)
+    metrics = run(tmp_path / "b", reward_dir, tiny_model_dir, rows=swapped, judge="llm", batch_size=4)
     original, mirrored = read(tmp_path / "a" / "out" / "ai.jsonl"), read(tmp_path / "b" / "out" / "ai.jsonl")
     for a, b in zip(original, mirrored):
         first, second = a["metadata"]["scores"]
         assert 0 < first < 1 and first + second == pytest.approx(1)
         # Judged in both orders and averaged, the verdict follows the text, not its position.
         assert b["metadata"]["scores"] == pytest.approx([second, first], abs=1e-5)
-        assert a["metadata"]["grader"] == f"llm:{tiny_model_dir.name}"
+        assert a["metadata"]["grader"] == "pairwise_llm:llm" and isinstance(a["metadata"]["orders_agree"], bool)
+    assert 0 <= metrics["ai"]["orders_agree"] <= 1 and metrics["judge"]["criterion"] == "Which reply is better?"
 
 
 def test_llm_judge_batches_do_not_change_verdicts(tmp_path, reward_dir, tiny_model_dir):
-    run(tmp_path / "one", reward_dir, tiny_model_dir, judge="llm", batch_size=1, llm={"swap": False})
-    run(tmp_path / "many", reward_dir, tiny_model_dir, judge="llm", batch_size=6, llm={"swap": False})
+    one_order = {"llm": {"swap": False}}
+    run(tmp_path / "one", reward_dir, tiny_model_dir, judge="llm", batch_size=1, judge_overrides=one_order)
+    run(tmp_path / "many", reward_dir, tiny_model_dir, judge="llm", batch_size=6, judge_overrides=one_order)
     single, batched = read(tmp_path / "one" / "out" / "ai.jsonl"), read(tmp_path / "many" / "out" / "ai.jsonl")
     for a, b in zip(single, batched):
         assert a["metadata"]["scores"] == pytest.approx(b["metadata"]["scores"], abs=1e-4)
 
 
-def test_llm_judge_keeps_its_reasoning(tmp_path, reward_dir, tiny_model_dir):
-    run(tmp_path, reward_dir, tiny_model_dir, rows=ROWS[:2], judge="llm", llm={"reasoning_tokens": 6, "swap": False})
-    pairs = read(tmp_path / "out" / "ai.jsonl")
-    assert all(isinstance(p["metadata"]["reasoning"], str) and p["metadata"]["reasoning"] for p in pairs)
-
-
 def test_long_conversations_are_cut_from_the_start():
     tokenizer = build_tokenizer()
     messages = [SYSTEM, {"role": "user", "content": "first words " + "filler " * 200 + "last words"}]
-    text = label_ai.conversation_text(messages, tokenizer, 40)
+    text = conversation_text(messages, tokenizer, 40)
     assert text.startswith("[...] ") and text.endswith("last words") and "first words" not in text
     assert len(tokenizer(text[6:], add_special_tokens=False)["input_ids"]) <= 41
-    assert label_ai.conversation_text(messages[:1], tokenizer, 40) == ""
+    assert conversation_text(messages[:1], tokenizer, 40) == ""
 
 
 @pytest.mark.parametrize("line, message", [
@@ -135,11 +141,11 @@ def test_bad_inputs_are_one_line(tmp_path, reward_dir, tiny_model_dir):
     empty.write_text("")
     with pytest.raises(StageError, match=r"ai\.jsonl: no pairs to label$"):
         run(tmp_path, reward_dir, tiny_model_dir, pools=[empty])
-    with pytest.raises(StageError, match=r"^--reward-model: '.*' is not a reward model directory \(no reward\.json\)$"):
+    with pytest.raises(StageError, match=r"^judges\.rm\.model: '.*' is not a reward model directory \(no reward\.json\)"):
         run(tmp_path, tiny_model_dir, tiny_model_dir)
-    with pytest.raises(StageError, match=r"^--judge-model: model directory '.*nowhere' does not exist$"):
+    with pytest.raises(StageError, match=r"^judges\.llm\.model: model directory '.*nowhere' does not exist$"):
         run(tmp_path, reward_dir, tmp_path / "nowhere", judge="llm")
-    with pytest.raises(StageError, match=r"^label_ai\.judge: "):
+    with pytest.raises(StageError, match=r"^label_ai\.judge: unknown judge 'gpt' \(have: .*rm, llm"):
         run(tmp_path, reward_dir, tiny_model_dir, judge="gpt")
     with pytest.raises(StageError, match=r"^label_ai\.tie_margin: must not be negative"):
         run(tmp_path, reward_dir, tiny_model_dir, tie_margin=-1)

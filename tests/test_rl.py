@@ -22,10 +22,10 @@ def reward_dir(tmp_path_factory):
     return save_tiny_reward_model(tmp_path_factory.mktemp("reward") / "reward", build_tokenizer())
 
 
-def run(tmp_path, policy, reward, prompts=STARTERS, **section):
-    params = params_file(tmp_path / "params.yaml", {"rl": {**FAST, **section}})
-    argv = ["--params", str(params), "--start", str(policy), "--prompts", str(prompts),
-            "--reward-model", str(reward), "--out", str(tmp_path / "out"),
+def run(tmp_path, policy, reward, prompts=STARTERS, judges=None, **section):
+    table = {"style_rm": {"model": str(reward)}, **(judges or {})}
+    params = params_file(tmp_path / "params.yaml", {"judges": table, "rl": {**FAST, **section}})
+    argv = ["--params", str(params), "--start", str(policy), "--prompts", str(prompts), "--out", str(tmp_path / "out"),
             "--metrics", str(tmp_path / "metrics.json"), "--plots", str(tmp_path / "plots" / "rl")]
     return rl.main(argv)
 
@@ -80,6 +80,31 @@ def test_group_algorithms_train_with_the_reward_function(workdir, tiny_model_dir
         assert (workdir / "plots" / "rl" / "plots" / "metrics" / f"{curve}.tsv").is_file()
 
 
+def test_group_algorithms_take_a_weighted_sum_of_judges(workdir, tiny_model_dir, reward_dir):
+    from stages.lib.scorers import repeated_trigrams
+
+    rating = {"kind": "scalar_llm", "model": str(tiny_model_dir), "criterion": "How warm is it?",
+              "max_context_tokens": 32, "scale": 5}
+    rewards = [{"judge": "style_rm", "weight": 1.0}, {"judge": "repetition", "weight": -2.0},
+               {"judge": "warmth", "weight": 0.5}]
+    metrics = run(workdir, tiny_model_dir, reward_dir, judges={"warmth": rating}, algorithm="rloo", rewards=rewards)
+    assert [(r["name"], r["weight"]) for r in metrics["rewards"]] == [("style_rm", 1.0), ("repetition", -2.0),
+                                                                      ("warmth", 0.5)]
+    assert metrics["rewards"][0]["model"] == str(reward_dir) and metrics["rewards"][1]["kind"] == "callable"
+    replies = [json.loads(line) for line in (workdir / "out" / "eval_replies.jsonl").read_text().splitlines()]
+    texts = [t for r in replies for t in r["before"]]
+    from stages.lib.judges import load_judge, resolve_judges
+
+    params = workdir / "params.yaml"
+    [warmth] = resolve_judges(params, [("test", "warmth")], scalar=True)
+    ratings = load_judge(warmth).score([[{"role": "user", "content": r["prompt"]}] for r in replies for _ in r["before"]],
+                                       texts)
+    assert all(1 <= x <= 5 for x in ratings)
+    expected = [a - 2 * b + 0.5 * c for a, b, c in zip(load_reward_fn(reward_dir)(texts), repeated_trigrams([], texts),
+                                                        ratings)]
+    assert [x for r in replies for x in r["reward_before"]] == pytest.approx(expected, abs=1e-3)
+
+
 def test_training_on_top_of_an_sft_adapter_records_the_stack(workdir, tiny_model_dir, reward_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -128,7 +153,7 @@ def test_ppo_reads_the_reward_at_the_last_word_of_the_reply(reward_dir):
 
 def test_reward_model_with_another_tokenizer_is_one_line(workdir, tiny_model_dir):
     other = save_tiny_reward_model(workdir / "other", build_tokenizer(vocab_size=300))
-    with pytest.raises(StageError, match=r"^--reward-model \S+other: its tokenizer differs from the policy's "
+    with pytest.raises(StageError, match=r"^judges\.style_rm\.model \S+other: its tokenizer differs from the policy's "
                                          r"\(vocab 300 vs 384\); PPO feeds policy token ids .* rl\.algorithm: grpo \| rloo$"):
         run(workdir, tiny_model_dir, other, algorithm="ppo")
     assert not (workdir / "out").exists() and not (workdir / "metrics.json").exists()
@@ -144,6 +169,12 @@ def test_reward_model_with_another_tokenizer_is_one_line(workdir, tiny_model_dir
     ({"trainer": {"sgd": {}}}, r"^rl\.trainer\.sgd: unknown key"),
     ({"algorithm": "rloo", "num_generations": 1}, r"^rl\.num_generations: must be at least 2 for rloo"),
     ({"algoritm": "ppo"}, r"^rl\.algoritm: unknown key \(did you mean 'algorithm'\?\)$"),
+    ({"rewards": [{"judge": "nobody", "weight": 1.0}]}, r"^rl\.rewards\[0\]\.judge: unknown judge 'nobody' \(have: "),
+    ({"rewards": [{"judge": "llm_persuasion", "weight": 1.0}]},
+     r"^rl\.rewards\[0\]\.judge: judge 'llm_persuasion' is pairwise_llm, which compares two replies"),
+    ({"rewards": [{"judge": "style_rm", "weight": 1.0}, {"judge": "repetition", "weight": -1.0}]},
+     r"^rl\.rewards: ppo feeds policy token ids to one reward model"),
+    ({"rewards": []}, r"^rl\.rewards: must name at least one judge$"),
     ({"eval_prompts": 62}, r"^rl\.eval_prompts: 62 holds out every one of the 62 starters in \S+starters\.jsonl$"),
     ({"batch_size": 61}, r"^rl\.batch_size: 61 is more than the 60 training starters in \S+starters\.jsonl"),
 ])
