@@ -27,6 +27,7 @@ import yaml
 from stages.lib.errors import StageError
 from stages.lib.io import file_md5
 from stages.lib.params import build, load_params
+from stages.lib import scorers  # noqa: F401 -- the shipped `callable` judges, so stages using judges track them
 from stages.lib.reward import REWARD_CONFIG
 
 SECTION = "judges"
