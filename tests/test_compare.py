@@ -59,7 +59,7 @@ def run(tmp_path, setup, models=MODELS, extra_judges=None, **section):
     table = {**setup["judges"], **(extra_judges or {})}
     params = params_file(tmp_path / "params.yaml", {
         "judges": table, "label_ai": {"judge": "rm"}, "rl": {"rewards": [{"judge": "repeats", "weight": -1.0}]},
-        "compare": {"judges": ["rm", "pair", "rating"], "style_judges": ["rm", "repeats"], "bootstrap_resamples": 300,
+        "compare": {"judges": ["rm", "pair", "rating"], "style_judges": ["rm", "repeats"], "bootstrap_resamples": 300, "sft_samples": 2,
                     **section}})
     return compare.main(["--params", str(params), "--pool", str(setup["pool"]), "--samples",
                          str(setup["root"] / "samples"), "--models", *models, "--style-models", *models,

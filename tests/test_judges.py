@@ -29,7 +29,7 @@ def test_scalar_llm_judge_scores_the_expected_rating(tmp_path, reward_dir, tiny_
     scores = judge.score(PROMPTS, REPLIES)
     assert all(1 <= s <= 5 for s in scores) and len(set(round(s, 6) for s in scores)) > 1
     one_by_one = load_judge(ref, batch_size=1).score(PROMPTS, REPLIES)
-    assert one_by_one == pytest.approx(scores, abs=1e-4)
+    assert one_by_one == pytest.approx(scores, abs=2e-3)  # bf16 on CPUs that have it: batches round differently
     # A scalar judge compares two replies by their scores.
     pairs = judge.pairs(PROMPTS[:2], REPLIES[:2], REPLIES[2:])
     assert pairs.orders_agree is None

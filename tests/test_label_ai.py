@@ -102,7 +102,7 @@ def test_llm_judge_batches_do_not_change_verdicts(tmp_path, reward_dir, tiny_mod
     run(tmp_path / "many", reward_dir, tiny_model_dir, judge="llm", batch_size=6, judge_overrides=one_order)
     single, batched = read(tmp_path / "one" / "out" / "ai.jsonl"), read(tmp_path / "many" / "out" / "ai.jsonl")
     for a, b in zip(single, batched):
-        assert a["metadata"]["scores"] == pytest.approx(b["metadata"]["scores"], abs=1e-4)
+        assert a["metadata"]["scores"] == pytest.approx(b["metadata"]["scores"], abs=2e-3)  # bf16 where the CPU has it
 
 
 def test_long_conversations_are_cut_from_the_start():
