@@ -36,14 +36,14 @@ The ConvoKit reader is stages/lib/convokit.py; token bounds and truncation are s
 """
 
 import argparse
-import html
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from stages.lib import run_stage
-from stages.lib.convokit import CONVERSATIONS, UTTERANCES, ancestors, read_conversations, read_utterances
+from stages.lib.convokit import (
+    CONVERSATIONS, REMOVED_BODIES, UTTERANCES, ancestors, clean_text, read_conversations, read_utterances)
 from stages.lib.io import require_path, write_json
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
@@ -53,7 +53,6 @@ from stages.lib.records import write_persuasion_examples
 
 log = get_logger("cmv_preprocess")
 
-REMOVED_BODIES = {"[deleted]": "deleted", "[removed]": "removed"}
 # Reddit shows these in place of an author who is gone; two of them are not the same person.
 ANONYMOUS_SPEAKERS = {"", "[deleted]", "[removed]", "[missing]"}
 DROP_REASONS = ("deleted", "removed", "empty", "op_reply", "excluded_speaker", "too_short", "too_long")
@@ -68,10 +67,6 @@ class CmvPreprocessParams:
 
     def __post_init__(self):
         check_token_limits(self.min_tokens, self.max_tokens, self.max_context_tokens)
-
-
-def clean_text(text: str | None) -> str:
-    return html.unescape(text or "").replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
 def removed_reason(text: str) -> str | None:

@@ -1,5 +1,6 @@
 """Reading a ConvoKit corpus directory: utterances.jsonl and conversations.json, current or old layout."""
 
+import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -8,6 +9,8 @@ from stages.lib import StageError
 from stages.lib.io import iter_jsonl, read_json
 
 UTTERANCES = "utterances.jsonl"
+# What Reddit leaves in place of a body that is gone, and the drop reason it counts as.
+REMOVED_BODIES = {"[deleted]": "deleted", "[removed]": "removed"}
 CONVERSATIONS = "conversations.json"
 
 
@@ -96,3 +99,8 @@ def ancestors(utterance: Utterance, utterances: dict[str, Utterance], path: Path
             raise StageError(f"{path}:{utterance.line}: reply-to chain of '{utterance.id}' loops back on itself")
         chain.append(current)
     return chain[::-1]
+
+
+def clean_text(text: str | None) -> str:
+    """A comment body as text: HTML entities (`&gt;` quote markers) unescaped, newlines normalised, stripped."""
+    return html.unescape(text or "").replace("\r\n", "\n").replace("\r", "\n").strip()
