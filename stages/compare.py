@@ -1,7 +1,7 @@
 """Judge every model's held-out replies against the SFT model's, with judges that are named, pinned and checked.
 
 In:  --pool     the final-eval pool (data/preferences/eval.jsonl): the prompts and two SFT samples of each
-     --samples  the evaluate stages' sample directories (plots/eval/<model>/samples.jsonl): each model's replies,
+     --samples  the evaluate stages' sample directories (plots/eval/<model>/<task>.jsonl): each model's replies,
                 sampled once per model, so adding a judge never re-samples
      --models   the models judged on persuasion, in the order shown; --style-models the models judged on style
      --people   people's labelled pairs (label_human's outputs): each AI judge's agreement with people
@@ -41,7 +41,6 @@ from stages.lib.records import read_labelled_pairs, read_pool
 
 log = get_logger("compare")
 
-SAMPLES_FILE = "samples.jsonl"
 
 
 @dataclass
@@ -77,7 +76,7 @@ def training_judges(params_path: Path) -> dict[str, str]:
 
 def read_replies(samples: Path, model: str, task: str) -> dict[str, tuple[str, list[str]]]:
     """prompt_id -> (the prompt's text if the sample keeps it, the model's replies) for `task`."""
-    path = samples / model / SAMPLES_FILE
+    path = samples / model / f"{task}.jsonl"
     if not path.is_file():
         raise StageError(f"--samples: {path} not found (run `dvc repro evaluate@{model}`)")
     replies: dict[str, list[str]] = {}
@@ -216,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for model, found in replies.items():
         missing = [r["metadata"]["prompt_id"] for r in rows if r["metadata"]["prompt_id"] not in found]
         if missing:
-            raise StageError(f"{args.samples / model / SAMPLES_FILE}: no reply to prompt {missing[0]!r} of {args.pool}")
+            raise StageError(f"{args.samples / model / 'persuasion.jsonl'}: no reply to prompt {missing[0]!r} of {args.pool}")
     style = {model: read_replies(args.samples, model, "style") for model in args.style_models}
     people = [pair for path in args.people for pair in read_labelled_pairs(path)]
     used = training_judges(args.params)

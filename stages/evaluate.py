@@ -3,7 +3,7 @@
 In:  --model   any policy the pipeline wrote: models/base, an SFT / DPO / RL adapter (with its stack), a full model
      --tasks   comma-separated, any of:
        persuasion  one sampled reply per prompt of the final-eval pool (data/preferences/eval.jsonl), kept in
-                   samples.jsonl for the compare stage, which judges them against the pool's SFT samples
+                   persuasion.jsonl for the compare stage, which judges them against the pool's SFT samples
        agent       assistant-token loss on the agent test split; tool-call validity at its tool-calling turns
                    (the call parses, names a tool of the record's schemas, its arguments fit that tool's schema)
        persona     share of greedy outputs on the persona val split that are JSON with exactly N types, each
@@ -13,8 +13,8 @@ In:  --model   any policy the pipeline wrote: models/base, an SFT / DPO / RL ada
        perplexity  assistant-token perplexity on the persuasion test split
      params `evaluate` (sample sizes, generation settings), `rl` (style)
 Out: metrics/eval/<name>.json   one block per task
-     plots/eval/<name>/         samples.jsonl: every reply, one line per prompt (the judges read it, so adding a judge
-                                never samples again)
+     plots/eval/<name>/         <task>.jsonl: every reply of that task, one line per prompt (the judges read
+                                persuasion.jsonl and style.jsonl, so adding a judge never samples again)
 
     python -m stages.evaluate --model models/dpo/rlaif --name dpo_rlaif --tasks persuasion,perplexity \
         --out metrics/eval/dpo_rlaif.json --samples plots/eval/dpo_rlaif
@@ -366,7 +366,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metrics["seconds"] = round(time.perf_counter() - started, 1)
 
     with atomic_dir(args.samples) as tmp:
-        write_jsonl(tmp / "samples.jsonl", samples)
+        for task in args.tasks:
+            rows = [row for row in samples if row["task"] == task]
+            if rows:
+                write_jsonl(tmp / f"{task}.jsonl", rows)
     write_json(args.out, metrics)
     return metrics
 

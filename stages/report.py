@@ -122,7 +122,7 @@ def side_by_side(pool: Path, samples: Path, models: list[str], count: int = 3) -
     rows = read_pool(pool)[:count]
     replies = {}
     for model in models:
-        path = samples / model / "samples.jsonl"
+        path = samples / model / "persuasion.jsonl"
         if path.is_file():
             replies[model] = {str(r["prompt_id"]): r.get("reply", "") for _, r in iter_jsonl(path)
                               if r.get("task") == "persuasion"}

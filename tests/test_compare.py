@@ -41,10 +41,11 @@ def setup(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("compare")
     reward = save_tiny_reward_model(root / "reward", build_tokenizer())
     for model in MODELS:
-        rows = [{"task": "persuasion", "prompt_id": f"p{i}", "reply": r} for i, r in enumerate(REPLIES[model])]
-        rows += [{"task": "style", "prompt_id": k, "prompt": f"hi {k}", "replies": [f"hey {k}", f"hello there {k}"]}
-                 for k in (1, 2)]
-        write_jsonl(root / "samples" / model / "samples.jsonl", rows)
+        write_jsonl(root / "samples" / model / "persuasion.jsonl",
+                    [{"task": "persuasion", "prompt_id": f"p{i}", "reply": r} for i, r in enumerate(REPLIES[model])])
+        write_jsonl(root / "samples" / model / "style.jsonl", [
+            {"task": "style", "prompt_id": k, "prompt": f"hi {k}", "replies": [f"hey {k}", f"hello there {k}"]}
+            for k in (1, 2)])
     judges = {"rm": {"kind": "reward_model", "model": str(reward), "criterion": "tiny reward"},
               "pair": {"kind": "pairwise_llm", "model": str(tiny_model_dir), "criterion": "Which is better?",
                        "max_context_tokens": 64, "swap": True},
@@ -167,7 +168,7 @@ def one_score(prompts, replies):
 
 
 def test_a_model_without_samples_is_named(tmp_path, setup):
-    with pytest.raises(StageError, match=r"^--samples: \S+rl/samples\.jsonl not found \(run `dvc repro evaluate@rl`\)$"):
+    with pytest.raises(StageError, match=r"^--samples: \S+rl/persuasion\.jsonl not found \(run `dvc repro evaluate@rl`\)$"):
         run(tmp_path, setup, models=("base", "rl"))
 
 

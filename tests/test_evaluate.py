@@ -56,8 +56,9 @@ def run(workdir, model, tasks, inputs, name="m", reference=None, **section):
 
 
 def samples_of(workdir, task):
-    rows = [json.loads(line) for line in (workdir / "samples" / "samples.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["task"] == task]
+    rows = [json.loads(line) for line in (workdir / "samples" / f"{task}.jsonl").read_text().splitlines()]
+    assert all(r["task"] == task for r in rows)
+    return rows
 
 
 def assistant_loss_by_hand(model_dir, records, template_choice="auto"):

@@ -363,10 +363,10 @@ STAGES = {
     "persona_dataset": {"module": "persona_dataset", "outs": ["data/persona", "metrics/persona_dataset.json"]},
     "token_analysis@persona": {"module": "token_analysis",
                                "outs": ["plots/token_analysis/persona", "metrics/token_analysis/persona.json"]},
-    "reward_model": {"module": "reward_model", "outs": ["models/reward", "plots/reward_model",
-                                                        "metrics/reward_model.json"],
-                     "live": ["plots/reward_model"], "marker": "plots/reward_model",
-                     "scratch": ["models/reward.work"]},
+    "reward_model@style": {"module": "reward_model", "outs": ["models/reward/style", "plots/reward_model/style",
+                                                              "metrics/reward_model/style.json"],
+                           "live": ["plots/reward_model/style"], "marker": "plots/reward_model/style",
+                           "scratch": ["models/reward/style.work"]},
 }
 # DVCLive files whose values are timings.
 VOLATILE = re.compile(r"(runtime|per_second)\.tsv$|^metrics\.json$")
@@ -391,7 +391,7 @@ def leftovers(repo: PipelineRepo, outs: list[str]) -> list[str]:
 # Once per stage kind, at a seeded moment of the run: a data stage and a training stage without checkpoints.
 # (Its output is written in a fraction of a second, too short a window to aim a kill at on a loaded machine;
 # what a writer killed mid-write leaves is covered by the unit test above.)
-@pytest.mark.parametrize("stage, moment", [("persona_dataset", "random"), ("reward_model", "random")])
+@pytest.mark.parametrize("stage, moment", [("persona_dataset", "random"), ("reward_model@style", "random")])
 def test_a_stage_killed_mid_run_leaves_outputs_whole_or_absent(upstream, with_persona, tmp_path, stage, moment):
     spec = STAGES[stage]
     outs, live = spec["outs"], spec.get("live", [])

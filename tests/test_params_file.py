@@ -10,6 +10,7 @@ import yaml
 from stages import dpo, rl, sft
 from stages.base_model import BaseModelParams
 from stages.cmv_preprocess import CmvPreprocessParams
+from stages.compare import CompareParams
 from stages.evaluate import EvaluateParams
 from stages.generate_preferences import GeneratePreferencesParams
 from stages.label_ai import LabelAIParams
@@ -18,6 +19,7 @@ from stages.lib.params import load_params, parse_section
 from stages.lib.training import load_variant_params, trainer_config
 from stages.p4g_preprocess import P4gPreprocessParams
 from stages.persona_dataset import PersonaDatasetParams
+from stages.outcome_pairs import OutcomePairsParams
 from stages.reward_model import RewardModelParams
 from stages.rl import RLParams
 from stages.sft_dataset import SftDatasetParams
@@ -35,15 +37,16 @@ SECTIONS = {
     "tau2_make": Tau2MakeParams,
     "tau2_to_openai": Tau2ToOpenAIParams,
     "token_analysis": TokenAnalysisParams,
-    "reward_model": RewardModelParams,
+    "outcome_pairs": OutcomePairsParams,
     "generate_preferences": GeneratePreferencesParams,
     "label_ai": LabelAIParams,
     "label_human": LabelHumanParams,
     "rl": RLParams,
     "evaluate": EvaluateParams,
+    "compare": CompareParams,
 }
 # Sections of several parts, parsed by their stage's own loader.
-COMPOSITE_SECTIONS = {"sft", "dpo"}
+COMPOSITE_SECTIONS = {"sft", "dpo", "reward_model", "judges"}
 # Sections that only dvc.yaml reads, through ${...} templating.
 TEMPLATE_SECTIONS = {"raw"}
 
@@ -59,6 +62,17 @@ def test_every_section_has_a_parser():
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_section_parses(section):
     parse_section(params(), section, SECTIONS[section])
+
+
+def test_every_reward_model_and_judge_parses():
+    from stages.lib.judges import parse_judge
+
+    items = set(params()["reward_model"]) - {"defaults"}
+    assert items == {"style", "persuasion"}
+    for item in items:
+        load_variant_params(REPO_ROOT / "params.yaml", "reward_model", item, RewardModelParams)
+    kinds = {parse_judge(name, values).kind for name, values in params()["judges"].items()}
+    assert kinds == {"reward_model", "pairwise_llm", "scalar_llm", "callable"}
 
 
 def test_every_sft_workflow_parses_and_has_a_stage():

@@ -39,14 +39,18 @@ def test_full_pipeline_runs_then_is_up_to_date(repo):
         sft = json.loads(repo.path(f"metrics/sft/{workflow}.json").read_text())
         assert sft["steps"] == 2 and sft["tokens_seen"] > 0
         assert (repo.path(f"models/sft/{workflow}") / "adapter_model.safetensors").is_file()
-    reward = json.loads(repo.path("metrics/reward_model.json").read_text())
+    reward = json.loads(repo.path("metrics/reward_model/style.json").read_text())
     assert reward["test_examples"] == 60 and 0 <= reward["roc_auc"] <= 1
+    outcomes = json.loads(repo.path("metrics/outcome_pairs.json").read_text())
+    persuasion = json.loads(repo.path("metrics/reward_model/persuasion.json").read_text())
+    assert persuasion["test_pairs"] == outcomes["test_pairs"] > 0 and 0 <= persuasion["pairwise_accuracy"] <= 1
     pools = json.loads(repo.path("metrics/generate_preferences.json").read_text())
     assert (pools["ai_prompts"], pools["human_prompts"], pools["eval_prompts"]) == (24, 6, 12)
     assert len(repo.path("data/preferences/eval.jsonl").read_text().splitlines()) == 12
 
     judged = json.loads(repo.path("metrics/label_ai.json").read_text())
     assert (judged["ai"]["pairs"], judged["eval"]["pairs"]) == (24, 12)
+    assert (judged["judge"]["name"], judged["judge"]["model"]) == ("persuasion_rm", "models/reward/persuasion")
     human = [json.loads(line) for line in repo.path("data/labelled/human.jsonl").read_text().splitlines()]
     assert [p["metadata"]["preference"] for p in human] == [{"tie": "1"}.get(p, p) for p in repo.preferences["human"]]
     assert [p["metadata"]["is_equal"] for p in human] == [p == "tie" for p in repo.preferences["human"]]
@@ -68,8 +72,14 @@ def test_full_pipeline_runs_then_is_up_to_date(repo):
     assert set(evals["base"]) >= {"persuasion", "agent", "persona", "style", "perplexity"}
     assert evals["base"]["style"]["kl_to_reference"] == 0 and evals["rl"]["style"]["kl_to_reference"] != 0
     assert evals["dpo_rlaif"]["persuasion"]["prompts"] == 12 and evals["sft_agent"]["agent"]["tool_prompts"] == 3
+    compared = json.loads(repo.path("metrics/compare.json").read_text())
+    assert set(compared["persuasion"]) == {"base", "sft_persuasion", "dpo_rlhf", "dpo_rlaif", "dpo_rlaif_rlhf"}
+    assert all(set(by) == {"llm_persuasion", "persuasion_rm"} for by in compared["persuasion"].values())
+    assert compared["judges"]["persuasion_rm"]["trained_on"] and not compared["judges"]["llm_persuasion"]["trained_on"]
+    assert compared["judges"]["llm_persuasion"]["people"]["pairs"] > 0 and set(compared["style"]) == {"base", "rl"}
     summary = repo.path("reports/summary.md").read_text()
     assert all(f"| {name} |" in summary for name in evals) and "![win_rate.png](win_rate.png)" in summary
+    assert summary.index("| RLAIF → RLHF |") < summary.index("## Style RL")
 
     second = repo.repro()
     assert stages_run(second) == []
@@ -134,7 +144,7 @@ def test_experiments_change_dpo_beta_then_compare_and_queue(repo):
     result = repo.dvc("exp", "run", "-n", "beta-02", "-S", f"{beta}=0.2")
     # Only DPO and what reads its models run again.
     assert sorted(stages_run(result)) == sorted(["dpo@rlhf", "dpo@rlaif", "dpo@rlaif_rlhf", "evaluate@dpo_rlhf",
-                                                 "evaluate@dpo_rlaif", "evaluate@dpo_rlaif_rlhf", "report"])
+                                                 "evaluate@dpo_rlaif", "evaluate@dpo_rlaif_rlhf", "compare", "report"])
     diff = json.loads(repo.dvc("exp", "diff", "HEAD", "beta-02", "--json").stdout)
     assert diff["params"]["params.yaml"][beta] == {"old": 0.1, "new": 0.2, "diff": 0.1}
     changed = diff["metrics"]["metrics/dpo/rlaif.json"]
