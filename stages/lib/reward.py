@@ -9,16 +9,21 @@ from stages.lib.errors import StageError
 REWARD_CONFIG = "reward.json"
 
 
+def reward_inputs(tokenizer, texts: list[str], config: dict) -> list[str]:
+    """The texts as the model saw them in training: a pairwise model's end with the EOS token."""
+    suffix = tokenizer.eos_token if config.get("append_eos_token") else ""
+    return [t if not suffix or t.endswith(suffix) else t + suffix for t in texts]
+
+
 def score_texts(model, tokenizer, texts: list[str], config: dict, batch_size: int = 32) -> list[float]:
     """A two-class classifier scores logit(1) - logit(0); a pairwise (Bradley-Terry) model its single logit,
     on the text formatted as in training (`config`: what reward.json holds)."""
     import torch
 
-    suffix = tokenizer.eos_token if config.get("append_eos_token") else ""
     device = next(model.parameters()).device
     scores = []
     for start in range(0, len(texts), batch_size):
-        batch = [t if not suffix or t.endswith(suffix) else t + suffix for t in texts[start:start + batch_size]]
+        batch = reward_inputs(tokenizer, texts[start:start + batch_size], config)
         inputs = tokenizer(batch, padding=True, truncation=True, max_length=config["max_length"],
                            return_tensors="pt").to(device)
         with torch.no_grad():
