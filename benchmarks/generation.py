@@ -5,22 +5,29 @@ One run, same model, prompts and sampling settings (temperature and top_p from t
   batched  stages.lib.generation.sample_pairs: length-sorted batches, each prompt encoded once
            without padding into a preallocated KV cache that both of its responses decode from
   loop     one prompt, one response per generate call, twice per prompt
+  prompt   the batched run's prompt pass alone (stages.lib.generation.prompt_cache, timed inside
+           that run): prompt tokens encoded per second, against the forward bound, measured matmul
+           FLOP/s / (2 x parameters): a forward pass costs half the 4 x parameters a token of
+           sft_throughput.py's training bound; the matmuls on the model's device, in bf16 where it has
+           it (CUDA with bf16, a CPU with AVX-512 BF16 or AMX), fp32 otherwise (benchmarks/matmul.py)
 
     python benchmarks/generation.py --model models/sft/persuasion --prompts data/persuasion/sft/val.jsonl
+    python benchmarks/generation.py --model DIR --prompts prompts.jsonl --count 2 --max-new-tokens 4
 
-Target: batched >= 3x loop. Prints one line with the ratio and the absolute figures.
+Target: batched >= 3x loop. Prints one line with the ratio, the prompt pass's share of the bound
+and the absolute figures.
 """
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+import stages.lib.generation as generation  # noqa: E402
+from matmul import bound_device, bound_dtype, device_name, matmul_flops  # noqa: E402  (benchmarks/matmul.py)
 from stages.lib.generation import sample_pairs  # noqa: E402
 from stages.lib.params import load_params  # noqa: E402
 from stages.lib.policy import load_policy  # noqa: E402
@@ -42,6 +49,28 @@ def loop_pairs(model, tokenizer, prompts, max_new_tokens, temperature, top_p):
             ended = (new == tokenizer.eos_token_id).nonzero()
             generated += int(ended[0, 0]) + 1 if len(ended) else len(new)
     return generated
+
+
+class PromptPassTimer:
+    """Wraps `stages.lib.generation.prompt_cache` while active: seconds spent in it and prompt tokens it encoded."""
+
+    def __init__(self):
+        self.seconds, self.tokens, self.original = 0.0, 0, generation.prompt_cache
+
+    def timed(self, model, prompts, repeats, capacity):
+        start = time.perf_counter()
+        cache = self.original(model, prompts, repeats, capacity)
+        self.seconds += time.perf_counter() - start
+        if cache is not None:  # None: nothing was encoded (sliding-window models encode the padded batch)
+            self.tokens += sum(len(ids) - 1 for ids in prompts)
+        return cache
+
+    def __enter__(self):
+        generation.prompt_cache = self.timed
+        return self
+
+    def __exit__(self, *exc):
+        generation.prompt_cache = self.original
 
 
 def main() -> None:
@@ -71,18 +100,28 @@ def main() -> None:
 
     torch.manual_seed(0)
     start = time.perf_counter()
-    _, batched_tokens = sample_pairs(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, **sampling)
+    with PromptPassTimer() as prompt_pass:
+        _, batched_tokens = sample_pairs(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
+                                         **sampling)
     batched_s = time.perf_counter() - start
     torch.manual_seed(0)
     start = time.perf_counter()
     loop_tokens = loop_pairs(model, tokenizer, prompts, args.max_new_tokens, **sampling)
     loop_s = time.perf_counter() - start
 
+    device = model.device.type if model.device.type in ("cpu", "cuda") else bound_device()
+    dtype = bound_dtype(device)
+    flops, parameters = matmul_flops(dtype=dtype, device=device), sum(p.numel() for p in model.parameters())
+    bound = flops / (2 * parameters)
     batched, loop = batched_tokens / batched_s, loop_tokens / loop_s
-    print(f"generation: {batched / loop:.1f}x one-prompt-one-response loop (target >= 3) | batched {batched:.0f} "
-          f"generated tok/s ({batched_tokens} tokens, batch {args.batch_size} prompts x 2), loop {loop:.0f} tok/s "
-          f"({loop_tokens} tokens) | {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, model {args.model} | "
-          f"{platform.machine()} {os.cpu_count()} cpus")
+    encoded = prompt_pass.tokens / prompt_pass.seconds if prompt_pass.tokens else float("nan")
+    print(f"generation: {batched / loop:.1f}x one-prompt-one-response loop (target >= 3), prompt pass "
+          f"{encoded / bound:.1%} of bound | batched {batched:.0f} generated tok/s ({batched_tokens} tokens, batch "
+          f"{args.batch_size} prompts x 2), loop {loop:.0f} tok/s ({loop_tokens} tokens), prompt pass {encoded:.0f} "
+          f"tok/s ({prompt_pass.tokens} tokens in {prompt_pass.seconds:.2f} of {batched_s:.2f} s, "
+          f"{next(model.parameters()).dtype}), bound {bound:.0f} tok/s ({flops / 1e9:.0f} GFLOP/s {dtype} matmul / "
+          f"(2 x {parameters / 1e6:.2f}M params)) | {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, "
+          f"model {args.model} | {device_name(device)}")
 
 
 if __name__ == "__main__":

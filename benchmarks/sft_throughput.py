@@ -6,12 +6,19 @@ are read from the metrics JSON the stage writes (tokens_per_second, tokens_seen,
   stage     params.yaml as it is: sft.defaults with sft.<workflow> on top
   defaults  the same params with every `trainer:` key removed, so trl's SFTConfig defaults apply, and
             precision bf16, which trl's defaults ask for
-  bound     measured fp32 matmul FLOP/s / (4 x parameters): forward plus the input-gradient
-            half of backward per token, which is all LoRA needs (frozen weights get no gradient)
+  bound     measured matmul FLOP/s / (4 x parameters): forward plus the input-gradient half of
+            backward per token, which is all LoRA needs (frozen weights get no gradient); the
+            matmuls in bf16 where the machine has it (CUDA with bf16, a CPU with AVX-512 BF16 or
+            AMX: stages.lib.models.cpu_has_bf16), fp32 otherwise (benchmarks/matmul.py)
 Both runs render the chats with the project's ChatML template and train --steps optimizer steps with
 no evaluation or checkpoint inside the timed loop.
 
     python benchmarks/sft_throughput.py --workflow persuasion --steps 3
+    python benchmarks/sft_throughput.py --model DIR --data chats.jsonl --params params.yaml --steps 1
+
+--model, --data and --params default to models/base, the workflow's SFT train split and the
+project's params.yaml. Prints one line: the stage's training tokens/s, its ratios to trl's
+defaults and to the bound, and the absolute figures.
 
 Targets on the embedded model on a CPU: stage >= 1.5x defaults, stage >= 50% of the bound,
 peak RSS <= 4 GB. trl's defaults ask for bf16 autocast, which is very slow on CPUs without
@@ -21,35 +28,20 @@ AVX-512 BF16: the data is limited to short conversations to keep that run to min
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from matmul import bound_device, bound_dtype, device_name, matmul_flops  # noqa: E402  (benchmarks/matmul.py)
 
 DATA = {"persona": "data/persona/train.jsonl", "persuasion": "data/persuasion/sft/train.jsonl",
         "agent": "data/agent/openai/train.jsonl"}
-
-
-def matmul_flops(size: int = 1024, repeats: int = 20) -> float:
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 * repeats / best
 
 
 def write_short_records(source: Path, model: Path, max_tokens: int, out: Path) -> int:
@@ -68,9 +60,9 @@ def write_short_records(source: Path, model: Path, max_tokens: int, out: Path) -
     return write_jsonl(out, short)
 
 
-def run_params(workflow: str, steps: int, trl_defaults: bool) -> dict:
-    """params.yaml for one run: the project's, or with trl's trainer defaults; the timed loop only trains."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+def run_params(path: Path, workflow: str, steps: int, trl_defaults: bool) -> dict:
+    """The params file for one run: as it is, or with trl's trainer defaults; the timed loop only trains."""
+    params = yaml.safe_load(path.read_text())
     sections = params["sft"]
     sections[workflow] = sections.get(workflow) or {}
     if trl_defaults:
@@ -118,26 +110,19 @@ def model_parameters(model: Path) -> int:
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters())
 
 
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-               platform.processor())
-    return f"{cpu}, {os.cpu_count()} cpus"
-
-
-def report(results: dict, flops: float, parameters: int, args, examples: int) -> str:
+def report(results: dict, flops: float, dtype: str, parameters: int, args, examples: int) -> str:
     stage, defaults = results["stage"], results["defaults"]
     bound = flops / (4 * parameters)
     speed, baseline = stage["tokens_per_second"], defaults["tokens_per_second"]
-    return (f"sft_throughput: {speed / baseline:.1f}x trl defaults (target >= 1.5), {speed / bound:.0%} of bound "
+    return (f"sft_throughput: {speed / baseline:.1f}x trl defaults (target >= 1.5), {speed / bound:.1%} of bound "
             f"(target >= 50%), peak RSS {stage['peak_memory_mb'] / 1024:.2f} GB (target <= 4) | "
             f"stage {speed:.0f} tok/s ({stage['tokens_seen']} tokens, batch {stage['batch']}, "
             f"{stage['precision']}, checkpointing {stage['checkpointing']}), defaults {baseline:.1f} tok/s "
             f"({defaults['tokens_seen']} tokens, batch {defaults['batch']}, {defaults['precision']}, checkpointing "
             f"{defaults['checkpointing']}, peak RSS {defaults['peak_memory_mb'] / 1024:.2f} GB), "
-            f"bound {bound:.0f} tok/s ({flops / 1e9:.0f} GFLOP/s, {parameters / 1e6:.1f}M params) | {args.steps} "
-            f"steps, {examples} conversations <= {args.max_tokens} tokens from {args.data} | {machine()}")
+            f"bound {bound:.0f} tok/s ({flops / 1e9:.0f} GFLOP/s {dtype} matmul / (4 x {parameters / 1e6:.2f}M "
+            f"params)) | {args.steps} steps, {examples} conversations <= {args.max_tokens} tokens from {args.data} | "
+            f"{device_name(bound_device())}")
 
 
 def main() -> None:
@@ -147,16 +132,18 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models/base")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=256, help="use conversations up to this long")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="the params both runs start from")
     args = parser.parse_args()
     args.data = args.data or ROOT / DATA[args.workflow]
 
     with tempfile.TemporaryDirectory(prefix="sft-throughput-") as tmp:
         work = Path(tmp)
         examples = write_short_records(args.data, args.model, args.max_tokens, work / "train.jsonl")
-        results = {which: run_stage(which, run_params(args.workflow, args.steps, which == "defaults"), args,
-                                    work / "train.jsonl", work)
+        results = {which: run_stage(which, run_params(args.params, args.workflow, args.steps, which == "defaults"),
+                                    args, work / "train.jsonl", work)
                    for which in ("stage", "defaults")}
-    print(report(results, matmul_flops(), model_parameters(args.model), args, examples))
+    dtype = bound_dtype(bound_device())
+    print(report(results, matmul_flops(dtype=dtype), dtype, model_parameters(args.model), args, examples))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ All run in one process on the same conversations and tokenizer:
                (a stronger baseline: on 2 cores the limit itself is only ~2-3x this)
 
     python benchmarks/token_analysis.py --data data/persuasion/sft --tokenizer models/base
+    python benchmarks/token_analysis.py --data chats.jsonl --tokenizer DIR --min-examples 20 \
+        --naive-examples 4 --repeats 1
 
 Throughput is tokens of the dataset analysed per second (each conversation counted once);
 the naive loops run on the first --naive-examples conversations. Targets: stage >= 50% of
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from stages.lib.chat import render_chats, resolve_chat_template  # noqa: E402
 from stages.lib.models import load_tokenizer  # noqa: E402
@@ -76,8 +79,8 @@ def run_naive_once(records, tokenizer, template, step):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("data/persuasion/sft"))
-    parser.add_argument("--tokenizer", type=Path, default=Path("models/base"))
+    parser.add_argument("--data", type=Path, default=ROOT / "data/persuasion/sft", help="a JSONL file or a directory")
+    parser.add_argument("--tokenizer", type=Path, default=ROOT / "models/base", help="a tokenizer (model) directory")
     parser.add_argument("--min-examples", type=int, default=2000, help="repeat the data up to this many")
     parser.add_argument("--step", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
