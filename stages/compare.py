@@ -94,6 +94,10 @@ def read_replies(samples: Path, model: str, task: str) -> dict[str, tuple[str, l
     return replies
 
 
+def share(flags: list[bool]) -> float:
+    return round(sum(flags) / len(flags), 4)
+
+
 def words(text: str) -> int:
     return len(text.split())
 
@@ -162,7 +166,7 @@ def judge_model(judge: Judge, rows: list[dict], replies: dict[str, list[str]], s
              "mean_words": round(sum(map(words, firsts)) / len(firsts), 1),
              "sft_mean_words": round(sum(map(words, seconds)) / len(seconds), 1)}
     if verdict.orders_agree is not None:
-        block["orders_agree"] = round(sum(verdict.orders_agree) / len(verdict.orders_agree), 4)
+        block["orders_agree"] = share(verdict.orders_agree)
     return block
 
 
@@ -186,7 +190,7 @@ def agreement_with_people(judge: Judge, pairs: list[dict], people_log: list) -> 
              "agreement": round(sum(h == m for h, m in zip(people, ai)) / len(decided), 4),
              "kappa": round(float(kappa), 4) if not math.isnan(kappa) else None}
     if verdict.orders_agree is not None:
-        block["orders_agree"] = round(sum(verdict.orders_agree) / len(verdict.orders_agree), 4)
+        block["orders_agree"] = share(verdict.orders_agree)
     return block
 
 
