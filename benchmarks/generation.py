@@ -30,6 +30,7 @@ import stages.lib.generation as generation  # noqa: E402
 from matmul import bound_device, bound_dtype, device_name, matmul_flops  # noqa: E402  (benchmarks/matmul.py)
 from stages.lib.generation import sample_pairs  # noqa: E402
 from stages.lib.params import load_params  # noqa: E402
+from stages.lib.models import inference_dtype  # noqa: E402
 from stages.lib.policy import load_policy  # noqa: E402
 from stages.lib.records import read_prompts  # noqa: E402
 
@@ -92,7 +93,7 @@ def main() -> None:
     import torch
 
     prompts = [p["prompt"] for p in read_prompts([args.prompts])][:args.count]
-    model, tokenizer = load_policy(args.model)
+    model, tokenizer = load_policy(args.model, inference_dtype())  # as the stages sample
 
     # Untimed warm-up of both paths: the first calls pay for allocations and lazy initialisation.
     sample_pairs(model, tokenizer, prompts[:1], 2, 1, **sampling)

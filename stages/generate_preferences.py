@@ -28,6 +28,7 @@ from stages.lib import run_stage
 from stages.lib.generation import sample_pairs
 from stages.lib.io import atomic_dir, write_json
 from stages.lib.log import get_logger, log_config
+from stages.lib.models import inference_dtype
 from stages.lib.policy import load_policy, require_policy_dir
 from stages.lib.params import DEFAULT_PARAMS, load_section
 from stages.lib.records import PoolRecord, draw_pools, read_prompts, write_pool
@@ -83,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from tqdm import tqdm
 
     torch.manual_seed(params.seed)
-    model, tokenizer = load_policy(args.model)
+    dtype = inference_dtype()
+    model, tokenizer = load_policy(args.model, dtype)
     everything = [(pool, prompt) for pool in POOLS for prompt in pools[pool]]
     started = time.perf_counter()
     with tqdm(total=len(everything), desc="prompts", unit="prompt") as progress:
@@ -102,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         **{f"{pool}_prompts": len(rows[pool]) for pool in POOLS},
         "generated_tokens": generated,
         "generated_tokens_per_second": round(generated / max(elapsed, 1e-9), 1),
+        "dtype": dtype,
         "identical_pairs": sum(1 for first, second in pairs if first == second),
         "empty_responses": sum((not first) + (not second) for first, second in pairs),
     }

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -37,7 +36,7 @@ from stages.lib.policy import MODEL_TOOLS_FILE
 from stages.lib.records import read_chat_records
 from stages.lib.training import (LoraParams, Section, check_qlora, checkpoint_dir, is_main_process, live_callbacks,
                                  load_trainable, load_variant_params, model_card, model_config, refuse_stage_fields,
-                                 resumable_checkpoint, save_trained, trainer_config, training_precision)
+                                 resumable_checkpoint, save_trained, step_clock, trainer_config, training_precision)
 
 log = get_logger("sft")
 
@@ -132,9 +131,10 @@ def sft_metrics(trainer, result, base_eval: dict, final_eval: dict, elapsed: flo
     }
 
 
-def train_resumable(trainer, output_dir: Path):
+def train_resumable(trainer, output_dir: Path, clock):
     """Train from the last checkpoint in `output_dir`, if any: (base eval, train result, final eval, seconds
-    spent training, or None after a resume, when the tokens seen were not all seen in this run)."""
+    spent inside optimizer steps (`clock`: evaluations and saves excluded), or None after a resume, when the
+    tokens seen were not all seen in this run)."""
     last = resumable_checkpoint(output_dir)
     if last:
         log.info("resuming from %s", last)
@@ -144,17 +144,15 @@ def train_resumable(trainer, output_dir: Path):
         base_eval = trainer.evaluate()
         if trainer.is_world_process_zero():
             write_json(output_dir / "base_eval.json", base_eval)
-    started = time.perf_counter()
     from transformers import set_seed
 
     # The length-grouped sampler shuffles with the global RNG: a resumed run reseeds it as a fresh one does.
     set_seed(trainer.args.seed)
     result = trainer.train(resume_from_checkpoint=last)
-    elapsed = time.perf_counter() - started
     # The trainer may have just evaluated at its last step; do not pay for the same pass twice.
     final_eval = next((entry for entry in reversed(trainer.state.log_history)
                        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step), None)
-    return base_eval, result, final_eval or trainer.evaluate(), None if last else elapsed
+    return base_eval, result, final_eval or trainer.evaluate(), None if last else clock.seconds
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -186,10 +184,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tokenizer, train, held_out, counts = load_chats(args, run, config)
 
     model_args = model_config(params.method, params.lora, precision)
+    clock = step_clock()
     trainer = SFTTrainer(model=load_trainable(args.model, model_args), args=config, train_dataset=chat_dataset(train),
                          eval_dataset=chat_dataset(held_out), processing_class=tokenizer,
-                         peft_config=get_peft_config(model_args), callbacks=live_callbacks(args.plots))
-    base_eval, result, final_eval, elapsed = train_resumable(trainer, output_dir)
+                         peft_config=get_peft_config(model_args), callbacks=[*live_callbacks(args.plots), clock])
+    base_eval, result, final_eval, elapsed = train_resumable(trainer, output_dir, clock)
     metrics = {**sft_metrics(trainer, result, base_eval, final_eval, elapsed,
                              {"train_examples": len(train), "eval_examples": len(held_out), **counts}),
                "precision": precision, "method": params.method}

@@ -281,3 +281,18 @@ def test_two_process_ddp_on_cpu(workdir, tiny_model_dir, data):
     single = run(workdir / "single", tiny_model_dir, data, defaults={"trainer": dict(FAST)})
     assert 1.6 < metrics["tokens_seen"] / single["tokens_seen"] < 2.4
     assert (workdir / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_step_clock_counts_only_time_inside_optimizer_steps(monkeypatch):
+    import time
+
+    from stages.lib.training import step_clock
+
+    now = iter([10.0, 12.5, 20.0, 21.0])  # step 1: 10 -> 12.5; an evaluation and a save until 20; step 2: 20 -> 21
+    monkeypatch.setattr(time, "perf_counter", lambda: next(now))
+    clock = step_clock()
+    for _ in range(2):
+        clock.on_step_begin(None, None, None)
+        clock.on_step_end(None, None, None)
+    clock.on_step_end(None, None, None)  # an end without a begin (a resumed run) adds nothing
+    assert clock.seconds == pytest.approx(3.5)

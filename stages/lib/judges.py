@@ -27,6 +27,7 @@ import yaml
 from stages.lib.errors import StageError
 from stages.lib.io import file_md5
 from stages.lib.params import build, load_params
+from stages.lib.models import inference_dtype
 from stages.lib import scorers  # noqa: F401 -- the shipped `callable` judges, so stages using judges track them
 from stages.lib.reward import REWARD_CONFIG
 
@@ -228,25 +229,13 @@ def identity(ref: JudgeRef) -> dict:
         info.update(model=spec.model, hash=recorded or content_hash(Path(spec.model)),
                     hash_of="dvc.lock" if recorded else "files")
         if spec.kind in ("pairwise_llm", "scalar_llm"):
-            info["dtype"] = judge_dtype()
+            info["dtype"] = inference_dtype()
     return info
 
 
 # -- loaded judges ----------------------------------------------------------------------------------------------
 
 _POLICIES: dict[str, tuple] = {}
-
-
-def judge_dtype() -> str:
-    """LLM judges read probabilities in bf16 where the hardware multiplies bf16 fast (CUDA with bf16, CPUs with
-    AVX-512 BF16 or AMX: about 3x fp32 for a 135M judge on 2 cores), else fp32. Recorded in the identity."""
-    import torch
-
-    from stages.lib.models import cpu_has_bf16
-
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if cpu_has_bf16() else "float32"
 
 
 def _policy(path: str):
@@ -257,7 +246,7 @@ def _policy(path: str):
         from stages.lib.policy import load_policy
 
         model, tokenizer = load_policy(Path(path))
-        model.to("cuda" if torch.cuda.is_available() else "cpu", dtype=getattr(torch, judge_dtype())).eval()
+        model.to("cuda" if torch.cuda.is_available() else "cpu", dtype=getattr(torch, inference_dtype())).eval()
         _POLICIES[path] = (model, tokenizer)
     return _POLICIES[path]
 

@@ -177,6 +177,28 @@ def live_callbacks(plots: Path, resume: bool = False) -> list:
     return [DVCLiveCallback(live=open_live(plots, resume=resume, fresh=not resume))]
 
 
+def step_clock():
+    """A trainer callback summing the seconds spent inside optimizer steps (forward, backward, update), so
+    evaluation, checkpoint saves and logging between steps do not count as training time (`.seconds`)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        seconds = 0.0
+        started = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.started is not None:
+                self.seconds += time.perf_counter() - self.started
+                self.started = None
+
+    return StepClock()
+
+
 def checkpoint_dir(root: Path, values: dict, files: Iterable[Path], model_dir: Path) -> Path:
     """`root/<hash of params, data and base model>`; checkpoints of other keys can never resume: removed."""
     digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
