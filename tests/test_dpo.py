@@ -13,7 +13,7 @@ from tests.conftest import params_file, write_params
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 FAST = {"lora": {"r": 4, "alpha": 8}, "max_prompt_tokens": 48,
         "trainer": {"learning_rate": 1e-2, "num_train_epochs": 4, "per_device_train_batch_size": 4,
-                    "max_length": 96, "beta": 0.5}}
+                    "gradient_accumulation_steps": 1, "max_length": 96, "beta": 0.5}}
 
 
 def pair(i: int, chosen: str, rejected: str, is_equal: bool = False) -> dict:
