@@ -64,12 +64,8 @@ def cpu_has_bf16() -> bool:
 
 def inference_dtype() -> str:
     """Sampling and LLM judging run in bf16 where the hardware multiplies bf16 fast (CUDA with bf16, CPUs with
-    AVX-512 BF16 or AMX: about 3x fp32 for the 135M model on 2 cores), else in fp32."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if cpu_has_bf16() else "float32"
+    AVX-512 BF16 or AMX: about 3x fp32 for the 135M model on 2 cores), else in fp32: training's `auto`."""
+    return "bfloat16" if resolve_precision("auto") == "bf16" else "float32"
 
 
 def resolve_precision(choice: str, method: str = "lora") -> str:
