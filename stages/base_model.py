@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import atomic_dir, write_json
+from stages.lib.io import atomic_dir, write_json, write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.models import embedded_gguf, torch_dtype
 from stages.lib.params import DEFAULT_PARAMS, load_section
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "dtype": params.dtype,
         "has_chat_template": bool(tokenizer.chat_template),
     }
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("saved %s (%d parameters) to %s", description, metrics["parameters"], args.out)
     return metrics
 

@@ -44,7 +44,7 @@ from typing import Sequence
 from stages.lib import run_stage
 from stages.lib.convokit import (
     CONVERSATIONS, REMOVED_BODIES, UTTERANCES, ancestors, clean_text, read_conversations, read_utterances)
-from stages.lib.io import require_path, write_json
+from stages.lib.io import require_path, write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
 from stages.lib.persuasion import (
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     write_persuasion_examples(args.out, rows)
     metrics = {**stats, **summarize(rows, candidates, dropped, DROP_REASONS)}
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("kept %d of %d successful comments (%s)", len(rows), candidates,
              ", ".join(f"{reason} {dropped[reason]}" for reason in DROP_REASONS if dropped[reason]) or "none dropped")
     return metrics

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import atomic_dir, iter_jsonl, write_json, write_jsonl
+from stages.lib.io import atomic_dir, iter_jsonl, write_json, write_jsonl, write_metrics
 from stages.lib.judges import Judge, PairScores, load_judge, resolve_judges
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_params, parse_section
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         write_jsonl(tmp / "verdicts.jsonl", verdicts)
         write_jsonl(tmp / "people.jsonl", people_log)
         write_json(tmp / "win_rates.json", win_rates)
-    write_json(args.out, metrics)
+    write_metrics(args.out, metrics)
     return metrics
 
 

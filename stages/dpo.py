@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import write_json
+from stages.lib.io import write_metrics
 from stages.lib.log import config_dict, get_logger, log_config
 from stages.lib.models import load_tokenizer, peak_memory_mb
 from stages.lib.params import DEFAULT_PARAMS
@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                           pairs, metrics, run.values, USAGE)
         save_trained(args.out, trainer.model, tokenizer, card, stack=(base, adapters))
         shutil.rmtree(config.output_dir, ignore_errors=True)
-        write_json(args.metrics, metrics)
+        write_metrics(args.metrics, metrics)
         log.info("held-out reward margin %.4f, preference accuracy %.3f, loss %.4f (%d pairs)",
                  metrics["eval_reward_margin"], metrics["eval_reward_accuracy"], metrics["eval_loss"],
                  metrics["eval_pairs"])

@@ -32,7 +32,7 @@ from typing import Sequence
 from stages.lib import StageError, run_stage
 from stages.lib.chat import resolve_chat_template
 from stages.lib.generation import generate_batches, reply_logprobs, sample_replies
-from stages.lib.io import atomic_dir, iter_jsonl, require_path, write_json, write_jsonl
+from stages.lib.io import atomic_dir, iter_jsonl, read_json, require_path, write_jsonl, write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, build, load_params, parse_section
 from stages.lib.policy import load_policy, policy_stack, require_policy_dir
@@ -65,7 +65,7 @@ class PersuasionEval:
 @dataclass
 class AgentEval:
     max_examples: int | None  # test conversations for the assistant-token loss (about 4.5k tokens each)
-    max_tool_prompts: int  # tool-calling turns to generate at, in file order
+    max_tool_prompts: int | None  # tool-calling turns to generate at, in file order; null: all of them
     max_new_tokens: int
 
     def __post_init__(self):
@@ -75,7 +75,7 @@ class AgentEval:
 @dataclass
 class PersonaEval:
     max_examples: int | None
-    max_new_tokens: int
+    max_new_tokens: int | None  # null: the longest persona answer of the token analysis (--persona-lengths)
 
     def __post_init__(self):
         _at_least(self, ["max_examples", "max_new_tokens"])
@@ -134,18 +134,28 @@ def first(items: list, limit: int | None) -> list:
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, seed: int,
-             temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-    """One reply per rendered prompt (greedy at temperature 0), in batches of similar length."""
+             temperature: float = 0.0, top_p: float = 1.0, ended: list | None = None) -> list[str]:
+    """One reply per rendered prompt (greedy at temperature 0), in batches of similar length.
+
+    `ended`, when given, is filled with whether each reply stopped by itself (an end-of-sequence token) rather
+    than at max_new_tokens.
+    """
     import torch
 
     replies = [""] * len(prompts)
+    if ended is not None:
+        ended[:] = [False] * len(prompts)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos]) | {tokenizer.eos_token_id}
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     for indices, new in generate_batches(model, tokenizer, encoded, 1, max_new_tokens, batch_size, **sampling):
-        for i, text in zip(indices, tokenizer.batch_decode(new, skip_special_tokens=True)):
+        for i, row, text in zip(indices, new.tolist(), tokenizer.batch_decode(new, skip_special_tokens=True)):
             replies[i] = text.strip()
+            if ended is not None:
+                ended[i] = any(token in eos for token in row)
     return replies
 
 
@@ -235,7 +245,8 @@ def eval_agent(model, tokenizer, params: EvaluateParams, test_path: Path, sample
     records = read_chat_records(test_path)
     nll, tokens = assistant_nll(model, tokenizer, first(records, params.agent.max_examples))
     turns = [(record, i) for record in records for i, m in enumerate(record["messages"])
-             if m["role"] == "assistant" and m.get("tool_calls")][:params.agent.max_tool_prompts]
+             if m["role"] == "assistant" and m.get("tool_calls")]
+    turns = first(turns, params.agent.max_tool_prompts)
     prompts = []
     for record, i in turns:
         template = resolve_chat_template(tokenizer, "auto", needs_assistant_mask=False, needs_tools=True)
@@ -270,7 +281,21 @@ def check_persona(text: str, n_types: int, headers: list[str]) -> dict:
             "valid": right_count and all_headers}
 
 
-def eval_persona(model, tokenizer, params: EvaluateParams, val_path: Path, samples: list) -> dict:
+def persona_max_new_tokens(params: EvaluateParams, lengths_path: Path | None) -> int:
+    """evaluate.persona.max_new_tokens, or (null) room for the longest answer the token analysis saw."""
+    if params.persona.max_new_tokens is not None:
+        return params.persona.max_new_tokens
+    if lengths_path is None:
+        raise StageError("evaluate.persona.max_new_tokens: null needs --persona-lengths (the token analysis metrics)")
+    lengths = read_json(require_path(lengths_path, "--persona-lengths"))
+    if not isinstance(lengths.get("assistant_p100"), (int, float)):
+        raise StageError(f"{lengths_path}: no assistant_p100 (the token analysis of the persona answers)")
+    return int(lengths["assistant_p100"]) + 16  # the answer, and the end-of-turn tokens after it
+
+
+def eval_persona(model, tokenizer, params: EvaluateParams, val_path: Path, samples: list,
+                 lengths_path: Path | None = None) -> dict:
+    max_new_tokens = persona_max_new_tokens(params, lengths_path)
     lines = first(list(iter_jsonl(val_path, required=("messages", "n_players"))), params.persona.max_examples)
     records, prompts, expected = [], [], []
     for number, record in lines:
@@ -281,12 +306,16 @@ def eval_persona(model, tokenizer, params: EvaluateParams, val_path: Path, sampl
         records.append(record)
         expected.append((record["n_players"], HEADER.findall(line)))
         prompts.append(render(tokenizer, [m for m in record["messages"] if m["role"] != "assistant"]))
-    replies = generate(model, tokenizer, prompts, params.persona.max_new_tokens, params.batch_size, params.seed)
+    ended = []
+    replies = generate(model, tokenizer, prompts, max_new_tokens, params.batch_size, params.seed, ended=ended)
     checks = [check_persona(reply, n, headers) for reply, (n, headers) in zip(replies, expected)]
-    for record, reply, check in zip(records, replies, checks):
-        samples.append({"task": "persona", "game_id": record.get("game_id"), "reply": reply, **check})
+    for record, reply, check, done in zip(records, replies, checks, ended):
+        samples.append({"task": "persona", "game_id": record.get("game_id"), "reply": reply, "finished": done,
+                        **check})
     return {**{key: round(sum(c[key] for c in checks) / len(checks), 4)
-               for key in ("valid", "valid_json", "right_count", "all_headers")}, "examples": len(checks)}
+               for key in ("valid", "valid_json", "right_count", "all_headers")}, "examples": len(checks),
+            "max_new_tokens": max_new_tokens,
+            "finished": round(sum(ended) / len(ended), 4)}
 
 
 def eval_style(model, tokenizer, model_dir: Path, reference: Path, params_path: Path, starters_path: Path,
@@ -323,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--pool", type=Path, default=Path("data/preferences/eval.jsonl"))
     parser.add_argument("--agent-test", type=Path, default=Path("data/agent/openai/test.jsonl"))
     parser.add_argument("--persona", type=Path, default=Path("data/persona/val.jsonl"))
+    parser.add_argument("--persona-lengths", type=Path, default=None,
+                        help="persona: the token analysis metrics (metrics/token_analysis/persona.json)")
     parser.add_argument("--starters", type=Path, default=Path("data/raw/starters/starters.jsonl"))
     parser.add_argument("--reference", type=Path, default=Path("models/base"), help="style: the KL reference")
     parser.add_argument("--heldout", type=Path, default=Path("data/persuasion/sft/test.jsonl"))
@@ -356,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         elif task == "agent":
             metrics[task] = eval_agent(model, tokenizer, params, args.agent_test, samples)
         elif task == "persona":
-            metrics[task] = eval_persona(model, tokenizer, params, args.persona, samples)
+            metrics[task] = eval_persona(model, tokenizer, params, args.persona, samples, args.persona_lengths)
         elif task == "style":
             metrics[task] = eval_style(model, tokenizer, model_dir, args.reference, args.params, args.starters,
                                        samples)
@@ -370,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             rows = [row for row in samples if row["task"] == task]
             if rows:
                 write_jsonl(tmp / f"{task}.jsonl", rows)
-    write_json(args.out, metrics)
+    write_metrics(args.out, metrics)
     return metrics
 
 

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from stages.lib import run_stage
 from stages.lib.generation import sample_pairs
-from stages.lib.io import atomic_dir, write_json
+from stages.lib.io import atomic_dir, write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.models import inference_dtype
 from stages.lib.policy import load_policy, require_policy_dir
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "identical_pairs": sum(1 for first, second in pairs if first == second),
         "empty_responses": sum((not first) + (not second) for first, second in pairs),
     }
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("%d prompts, %d tokens generated at %.1f tokens/s", len(everything), generated,
              metrics["generated_tokens_per_second"])
     return metrics

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import write_json
+from stages.lib.io import write_metrics
 from stages.lib.judges import load_judge, resolve_judges
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, pairs in labelled.items():
         write_labelled_pairs(args.out / f"{name}.jsonl", pairs)
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     return metrics
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import write_json
+from stages.lib.io import write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
 from stages.lib.records import LabelledPair, read_labels, read_pool, write_labelled_pairs
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_labelled_pairs(args.out, pairs)
     if eval_pairs is not None:
         write_labelled_pairs(args.eval_out, eval_pairs)
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("%d of %d prompts labelled (%d ties, %d on earlier samples)", len(pairs), metrics["pool_prompts"],
              metrics["ties"], metrics["labels_on_earlier_samples"])
     if eval_pairs is not None:

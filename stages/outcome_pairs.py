@@ -35,7 +35,7 @@ from typing import Sequence
 from stages.lib import StageError, run_stage
 from stages.lib.convokit import (
     CONVERSATIONS, REMOVED_BODIES, UTTERANCES, Utterance, clean_text, read_conversations, read_utterances)
-from stages.lib.io import atomic_dir, require_path, write_json
+from stages.lib.io import atomic_dir, require_path, write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
 from stages.lib.records import write_labelled_pairs
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         metrics[f"{name}_posts"] = len({p["metadata"]["conversation_id"] for p in splits[name]})
         metrics[f"{name}_chosen_chars_mean"] = mean_chars(splits[name], "chosen")
         metrics[f"{name}_rejected_chars_mean"] = mean_chars(splits[name], "rejected")
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("wrote %d outcome pairs from %d pair ids: train %d (%d posts), test %d (%d posts); dropped %s",
              len(pairs), counts["pair_ids"], metrics["train_pairs"], metrics["train_posts"], metrics["test_pairs"],
              metrics["test_posts"], ", ".join(f"{key.removeprefix('dropped_')} {value}" for key, value in counts.items()

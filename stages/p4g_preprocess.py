@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 
 from stages.lib import StageError, run_stage
 from stages.lib.convokit import CONVERSATIONS, UTTERANCES, ancestors, read_conversations, read_utterances
-from stages.lib.io import write_json
+from stages.lib.io import write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
 from stages.lib.persuasion import (
@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_persuasion_examples(args.out, rows)
     metrics = {"dialogues": len(dialogues), "turns": sum(len(d.turns) for d in dialogues),
                **summarize(rows, candidates, dropped, DROP_REASONS)}
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("kept %d of %d persuader turns (%s)", len(rows), candidates,
              ", ".join(f"{reason} {dropped[reason]}" for reason in DROP_REASONS if dropped[reason]) or "none dropped")
     return metrics

@@ -28,7 +28,7 @@ from typing import Literal, Sequence
 from tqdm import tqdm
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import atomic_dir, iter_jsonl, require_path, write_json
+from stages.lib.io import atomic_dir, iter_jsonl, require_path, write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.models import load_tokenizer
 from stages.lib.params import DEFAULT_PARAMS, load_section
@@ -414,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         write_chat_records(tmp / "val.jsonl", val)
     metrics = {"config_rows": config_rows, "config_rows_without_summaries": config_rows - len(games),
                **metrics, "train_games": len(train), "val_games": len(val)}
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("%d games kept of %d (%d players): %d train, %d val; %d over max_seq_len",
              metrics["games_kept"], metrics["games_read"], metrics["players_kept"],
              len(train), len(val), metrics["examples_over_max_seq_len"])

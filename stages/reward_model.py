@@ -37,7 +37,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import iter_jsonl, write_json
+from stages.lib.io import iter_jsonl, write_json, write_metrics
 from stages.lib.log import config_dict, get_logger, log_config
 from stages.lib.models import require_model_dir
 from stages.lib.params import DEFAULT_PARAMS
@@ -399,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       "Score reply texts with `stages.lib.reward.load_reward_fn(dir)`.")
     save_trained(args.out, model, tokenizer, card, extra=lambda out: write_json(out / REWARD_CONFIG, reward))
     plot_scores(callbacks[0].live, *plotted, kind)
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("%s: %s", args.name, summary)
     return metrics
 

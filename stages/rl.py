@@ -35,7 +35,7 @@ from typing import Any, Literal, Sequence
 
 from stages.lib import StageError, run_stage
 from stages.lib.generation import render, reply_logprobs, sample_replies
-from stages.lib.io import write_json, write_jsonl
+from stages.lib.io import write_jsonl, write_metrics
 from stages.lib.log import config_dict, get_logger, log_config
 from stages.lib.models import load_tokenizer
 from stages.lib.params import DEFAULT_PARAMS, load_section
@@ -410,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("%s: held-out reward %.3f -> %.3f (KL %.3f) after %d steps in %.0f s", params.algorithm,
              metrics["reward_before"], metrics["reward_after"], metrics["eval_kl"], metrics["steps"],
              metrics["seconds"])

@@ -28,7 +28,7 @@ from typing import Any, Literal, Sequence
 
 from stages.lib import StageError, run_stage
 from stages.lib.chat import chat_dataset, resolve_chat_template, tokenize_chats
-from stages.lib.io import write_json
+from stages.lib.io import write_json, write_metrics
 from stages.lib.log import config_dict, get_logger, log_config
 from stages.lib.models import load_tokenizer, peak_memory_mb, require_model_dir
 from stages.lib.params import DEFAULT_PARAMS
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                           {"Data": args.train, "Eval data": args.eval}, metrics, run.values, USAGE)
         save_trained(args.out, trainer.model, tokenizer, card,
                      extra=(lambda out: write_json(out / MODEL_TOOLS_FILE, tools)) if tools else None)
-        write_json(args.metrics, metrics)
+        write_metrics(args.metrics, metrics)
         # Renamed first: a kill during the removal must not leave checkpoints without their base_eval.json.
         done = output_dir.with_name(output_dir.name + ".done")
         if output_dir.is_dir():

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import atomic_dir, write_json
+from stages.lib.io import atomic_dir, write_metrics
 from stages.lib.records import read_persuasion_examples, write_chat_records
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         metrics[f"{name}_conversations"] = conversations[name]
         for source in SOURCES:
             metrics[f"{name}_{source}"] = sum(row["metadata"]["source"] == source for row in by_split[name])
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("wrote %s to %s", ", ".join(f"{n} {len(by_split[n])}" for n in SPLITS), args.out)
     return metrics
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import read_json, require_path, write_json
+from stages.lib.io import read_json, require_path, write_json, write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
 from stages.lib.tools import read_tools
@@ -362,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "user_tool_results_dropped": counts["user_tool_results_dropped"],
         "user_turns_dropped": counts["user_turns_dropped"],
     }
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("kept %d of %d simulations (train %d, test %d)", kept, counts["simulations_read"],
              len(splits["train"]), len(splits["test"]))
     return metrics

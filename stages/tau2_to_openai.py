@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import StageError, run_stage
-from stages.lib.io import atomic_dir, read_json, write_json
+from stages.lib.io import atomic_dir, read_json, write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
 from stages.lib.records import write_chat_records
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "tool_results": counts["tool_results"],
         "messages_cut_after_last_assistant": counts["messages_cut_after_last_assistant"],
     }
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("wrote %s", ", ".join(f"{split}: {len(r)}" for split, r in records.items()))
     return metrics
 

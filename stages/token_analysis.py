@@ -27,7 +27,7 @@ import numpy as np
 
 from stages.lib import StageError, run_stage
 from stages.lib.chat import resolve_chat_template
-from stages.lib.io import atomic_dir, atomic_file, write_json
+from stages.lib.io import atomic_dir, atomic_file, write_metrics
 from stages.lib.live import open_live
 from stages.lib.log import get_logger, log_config
 from stages.lib.models import load_tokenizer
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with atomic_dir(args.out) as tmp:
         write_plot_data(tmp, curve, percentiles)
         plot_lengths(tmp / "lengths.png", counts, curve, name, cutoff, params.max_loss_fraction)
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     log.info("%s: %d conversations, %d tokens; cutting at %d loses <= %.1f%% of assistant tokens",
              name, len(records), metrics["tokens"], cutoff, 100 * params.max_loss_fraction)
     return metrics

@@ -44,14 +44,14 @@ def inputs(tmp_path_factory):
     }
 
 
-def run(workdir, model, tasks, inputs, name="m", reference=None, **section):
+def run(workdir, model, tasks, inputs, name="m", reference=None, extra=(), **section):
     params = params_file(workdir / "params.yaml", {"evaluate": {**FAST, **section}, "rl": RL})
     argv = ["--params", str(params), "--model", str(model), "--name", name, "--tasks", tasks,
             "--pool", str(inputs["pool"]),
             "--agent-test", str(inputs["agent"]), "--persona", str(inputs["persona"]),
             "--starters", str(REPO_ROOT / "data" / "raw" / "starters" / "starters.jsonl"),
             "--reference", str(reference or model), "--heldout", str(inputs["heldout"]),
-            "--out", str(workdir / "eval.json"), "--samples", str(workdir / "samples")]
+            "--out", str(workdir / "eval.json"), "--samples", str(workdir / "samples"), *extra]
     return evaluate.main(argv)
 
 
@@ -120,10 +120,30 @@ def test_agent_loss_and_tool_call_validity(workdir, tiny_model_dir, inputs, monk
 def test_persona_validity_counts_types_and_headers(workdir, tiny_model_dir, inputs, monkeypatch):
     good = json.dumps({"types": [{"id": f"type_{i}", "text": "<CONTRIBUTION> gives\n<PUNISHMENT> never"}
                                  for i in range(2)]})
-    monkeypatch.setattr(evaluate, "generate", lambda model, tokenizer, prompts, *a, **k: [good, "```json\n" + good])
+
+    def fake_generate(model, tokenizer, prompts, *args, ended, **kwargs):
+        ended[:] = [True, False]
+        return [good, "```json\n" + good]
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
     block = run(workdir, tiny_model_dir, "persona", inputs)["persona"]
     # Both parse (fences stripped); the second game has N = 3 but got 2 types.
-    assert block == {"valid": 0.5, "valid_json": 1.0, "right_count": 0.5, "all_headers": 1.0, "examples": 2}
+    assert block == {"valid": 0.5, "valid_json": 1.0, "right_count": 0.5, "all_headers": 1.0, "examples": 2,
+                     "max_new_tokens": 8, "finished": 0.5}
+    assert [row["finished"] for row in samples_of(workdir, "persona")] == [True, False]
+
+
+def test_persona_budget_comes_from_the_token_analysis(workdir, tiny_model_dir, inputs):
+    auto = {"persona": {"max_new_tokens": None}}
+    with pytest.raises(StageError, match=r"^evaluate\.persona\.max_new_tokens: null needs --persona-lengths"):
+        run(workdir, tiny_model_dir, "persona", inputs, **auto)
+    lengths = workdir / "persona_lengths.json"
+    lengths.write_text(json.dumps({"assistant_p50": 3, "assistant_p100": 4}))
+    block = run(workdir, tiny_model_dir, "persona", inputs, extra=["--persona-lengths", str(lengths)], **auto)["persona"]
+    # The longest answer (4 tokens) and room for the end of the turn.
+    assert block["max_new_tokens"] == 20 and block["examples"] == 2
+    rows = samples_of(workdir, "persona")
+    assert block["finished"] == sum(row["finished"] for row in rows) / 2
 
 
 def test_style_replies_and_kl_to_the_reference(workdir, tiny_model_dir, inputs, tmp_path_factory):

@@ -141,6 +141,19 @@ def write_json(path: str | Path, obj: Any) -> None:
         handle.write(dump_json(obj))
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    """A stage's metrics file, with the process's peak resident memory added to `metrics` (`peak_rss_mb`)."""
+    metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    write_json(path, metrics)
+
+
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
     """Write one compact JSON object a line; returns the count. Key order is kept as given."""
     count = 0
