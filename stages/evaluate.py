@@ -282,11 +282,12 @@ def check_persona(text: str, n_types: int, headers: list[str]) -> dict:
 
 
 def persona_max_new_tokens(params: EvaluateParams, lengths_path: Path | None) -> int:
-    """evaluate.persona.max_new_tokens, or (null) room for the longest answer the token analysis saw."""
+    """evaluate.persona.max_new_tokens, or (null) room for the longest answer the token analysis counted."""
     if params.persona.max_new_tokens is not None:
         return params.persona.max_new_tokens
     if lengths_path is None:
-        raise StageError("evaluate.persona.max_new_tokens: null needs --persona-lengths (the token analysis metrics)")
+        raise StageError("evaluate.persona.max_new_tokens: null needs --persona-lengths "
+                         "(the token lengths of the persona answers)")
     lengths = read_json(require_path(lengths_path, "--persona-lengths"))
     if not isinstance(lengths.get("assistant_p100"), (int, float)):
         raise StageError(f"{lengths_path}: no assistant_p100 (the token analysis of the persona answers)")
@@ -353,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--agent-test", type=Path, default=Path("data/agent/openai/test.jsonl"))
     parser.add_argument("--persona", type=Path, default=Path("data/persona/val.jsonl"))
     parser.add_argument("--persona-lengths", type=Path, default=None,
-                        help="persona: the token analysis metrics (metrics/token_analysis/persona.json)")
+                        help="persona: the token lengths of the answers (data/token_lengths/persona.json)")
     parser.add_argument("--starters", type=Path, default=Path("data/raw/starters/starters.jsonl"))
     parser.add_argument("--reference", type=Path, default=Path("models/base"), help="style: the KL reference")
     parser.add_argument("--heldout", type=Path, default=Path("data/persuasion/sft/test.jsonl"))

@@ -27,7 +27,7 @@ import numpy as np
 
 from stages.lib import StageError, run_stage
 from stages.lib.chat import resolve_chat_template
-from stages.lib.io import atomic_dir, atomic_file, write_metrics
+from stages.lib.io import atomic_dir, atomic_file, write_json, write_metrics
 from stages.lib.live import open_live
 from stages.lib.log import get_logger, log_config
 from stages.lib.models import load_tokenizer
@@ -122,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--name", default=None, help="dataset name shown in the plot")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--metrics", required=True, type=Path)
+    parser.add_argument("--lengths", default=None, type=Path,
+                        help="the length percentiles alone (no measurement of the run), for stages that size by them")
     args = parser.parse_args(argv)
 
     params = load_section(args.params, "token_analysis", TokenAnalysisParams)
@@ -155,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with atomic_dir(args.out) as tmp:
         write_plot_data(tmp, curve, percentiles)
         plot_lengths(tmp / "lengths.png", counts, curve, name, cutoff, params.max_loss_fraction)
+    if args.lengths is not None:
+        write_json(args.lengths, {key: value for key, value in metrics.items() if key == "examples" or
+                                  key.startswith(tuple(f"{kind}_p" for kind in KINDS))})
     write_metrics(args.metrics, metrics)
     log.info("%s: %d conversations, %d tokens; cutting at %d loses <= %.1f%% of assistant tokens",
              name, len(records), metrics["tokens"], cutoff, 100 * params.max_loss_fraction)

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -86,3 +87,13 @@ def venv_env() -> dict:
     """Environment in which `python` and `dvc` are this interpreter's."""
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+
+# Keys of a stage's metrics that measure the run (its memory), not what it computed: two runs of the same
+# stage on the same input agree on everything else.
+MEASURED = ("peak_rss_mb", "peak_memory_mb")
+
+
+def metrics_result(path: Path) -> dict:
+    """A metrics file's values without the measurements of the run."""
+    return {key: value for key, value in json.loads(Path(path).read_text()).items() if key not in MEASURED}

@@ -6,7 +6,7 @@ import pytest
 from stages import cmv_preprocess
 from stages.lib import StageError
 from stages.lib.models import load_tokenizer
-from tests.conftest import REPO_ROOT, params_file
+from tests.conftest import REPO_ROOT, metrics_result, params_file
 
 TITLE = "CMV: Cats are better pets than dogs"
 BODY = "Cats are independent &amp; clean.\n\n&gt; a cat is a gentleman\n\nDogs need walks twice a day."
@@ -105,7 +105,7 @@ def test_old_and_current_layouts_give_identical_output(tmp_path, tiny_model_dir)
     run(tmp_path, tiny_model_dir, write_corpus(tmp_path / "old", "old"), "old.jsonl", **LOOSE)
     run(tmp_path, tiny_model_dir, write_corpus(tmp_path / "current", "current"), "current.jsonl", **LOOSE)
     assert (tmp_path / "old.jsonl").read_bytes() == (tmp_path / "current.jsonl").read_bytes()
-    assert (tmp_path / "old.jsonl.metrics.json").read_bytes() == (tmp_path / "current.jsonl.metrics.json").read_bytes()
+    assert metrics_result(tmp_path / "old.jsonl.metrics.json") == metrics_result(tmp_path / "current.jsonl.metrics.json")
     assert len(read_rows(tmp_path / "old.jsonl")) == 3
 
 
@@ -163,7 +163,7 @@ def test_rerun_is_byte_identical(tmp_path, tiny_model_dir):
     run(tmp_path, tiny_model_dir, corpus, "a.jsonl", **{**LOOSE, "max_context_tokens": 40})
     run(tmp_path, tiny_model_dir, corpus, "b.jsonl", **{**LOOSE, "max_context_tokens": 40})
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
-    assert (tmp_path / "a.jsonl.metrics.json").read_bytes() == (tmp_path / "b.jsonl.metrics.json").read_bytes()
+    assert metrics_result(tmp_path / "a.jsonl.metrics.json") == metrics_result(tmp_path / "b.jsonl.metrics.json")
 
 
 def test_shipped_sample(tmp_path, tiny_model_dir):

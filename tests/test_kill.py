@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from stages.lib.io import atomic_dir, write_json
-from tests.conftest import REPO_ROOT, venv_env
+from tests.conftest import MEASURED, REPO_ROOT, venv_env
 from tests.pipeline import PipelineRepo, tiny_overrides
 
 log = logging.getLogger(__name__)
@@ -372,13 +372,21 @@ STAGES = {
 VOLATILE = re.compile(r"(runtime|per_second)\.tsv$|^metrics\.json$")
 
 
+def digest(path: Path) -> str:
+    """md5 of a file; of a metrics file, without the keys that measure the run."""
+    if path.suffix == ".json" and "metrics" in path.parts:
+        values = {k: v for k, v in json.loads(path.read_text()).items() if k not in MEASURED}
+        return hashlib.md5(json.dumps(values, sort_keys=True).encode()).hexdigest()
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
 def tree(path: Path, live: bool = False) -> dict[str, str] | None:
     """relative file -> md5 (for a DVCLive directory, timings as '*'); None when `path` is absent."""
     if not path.exists():
         return None
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p.relative_to(path)): "*" if live and VOLATILE.search(str(p.relative_to(path)))
-            else hashlib.md5(p.read_bytes()).hexdigest() for p in files}
+            else digest(p) for p in files}
 
 
 def leftovers(repo: PipelineRepo, outs: list[str]) -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 from stages import label_human
 from stages.lib import StageError
 from stages.lib.records import read_labels
-from tests.conftest import REPO_ROOT, params_file
+from tests.conftest import REPO_ROOT, metrics_result, params_file
 
 
 
@@ -61,9 +61,11 @@ def test_labels_become_pairs_in_pool_order_with_ties_and_provenance(tmp_path, po
     assert (tie["chosen"], tie["rejected"]) == ("first reply to 3", "second reply to 3")
     assert tie["metadata"]["preference"] == "1" and tie["metadata"]["is_equal"] is True
     assert tie["metadata"]["labeller"] == "bo"
+    peak = metrics.pop("peak_rss_mb")
+    assert peak > 0
     assert metrics == {"pool_prompts": 5, "labelled": 3, "ties": 1, "preferred_1": 1, "preferred_2": 1,
                        "unlabelled": 2, "labels_on_earlier_samples": 0}
-    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {**metrics, "peak_rss_mb": peak}
 
 
 def test_texts_come_from_the_label_when_the_pool_was_resampled(tmp_path, pool):
@@ -80,9 +82,9 @@ def test_texts_come_from_the_label_when_the_pool_was_resampled(tmp_path, pool):
 def test_same_labels_in_any_line_order_give_the_same_bytes(tmp_path, pool):
     rows = [label(4, "1"), label(1, "tie"), label(2, "2")]
     run(tmp_path, pool, write_lines(tmp_path / "labels.jsonl", rows))
-    first = (tmp_path / "out" / "human.jsonl").read_bytes(), (tmp_path / "metrics.json").read_bytes()
+    first = (tmp_path / "out" / "human.jsonl").read_bytes(), metrics_result(tmp_path / "metrics.json")
     run(tmp_path, pool, write_lines(tmp_path / "labels.jsonl", rows))
-    assert ((tmp_path / "out" / "human.jsonl").read_bytes(), (tmp_path / "metrics.json").read_bytes()) == first
+    assert ((tmp_path / "out" / "human.jsonl").read_bytes(), metrics_result(tmp_path / "metrics.json")) == first
     run(tmp_path, pool, write_lines(tmp_path / "labels.jsonl", rows[::-1]))
     assert (tmp_path / "out" / "human.jsonl").read_bytes() == first[0]
 

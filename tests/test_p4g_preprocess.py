@@ -6,7 +6,7 @@ import pytest
 from stages import p4g_preprocess
 from stages.lib import StageError
 from stages.lib.models import load_tokenizer
-from tests.conftest import REPO_ROOT, params_file
+from tests.conftest import REPO_ROOT, metrics_result, params_file
 
 # (Turn, role, text) rows of one dialogue as the raw release has them: turn 1 of the persuader is
 # split over two rows, and the texts use Latin-1 characters.
@@ -171,7 +171,7 @@ def test_rerun_is_byte_identical(tmp_path, tiny_model_dir):
     run(tmp_path, tiny_model_dir, raw, "a.jsonl", **{**LOOSE, "max_context_tokens": 24})
     run(tmp_path, tiny_model_dir, raw, "b.jsonl", **{**LOOSE, "max_context_tokens": 24})
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
-    assert (tmp_path / "a.jsonl.metrics.json").read_bytes() == (tmp_path / "b.jsonl.metrics.json").read_bytes()
+    assert metrics_result(tmp_path / "a.jsonl.metrics.json") == metrics_result(tmp_path / "b.jsonl.metrics.json")
 
 
 def test_shipped_sample(tmp_path, tiny_model_dir):

@@ -148,11 +148,13 @@ def test_agent_history_keeps_agent_turns_and_user_text_only(tmp_path):
         {"role": "assistant", "content": "Ticket TCK-1 is open. Anything else?", "tool_calls": None},
         {"role": "user", "content": "No, thanks! ###STOP###"},
     ]
+    peak = metrics.pop("peak_rss_mb")
+    assert peak > 0
     assert metrics == {
         "files": 2, "simulations_read": 4, "simulations_kept": 3, "dropped_failed": 1, "dropped_unsplit": 0,
         "train_examples": 2, "test_examples": 1, "assistant_turns": 18, "tool_calls": 12, "tool_call_ids_renamed": 0,
         "tool_errors": 3, "user_tool_calls_dropped": 3, "user_tool_results_dropped": 3, "user_turns_dropped": 3}
-    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics | {"peak_rss_mb": peak}
 
 
 def test_splits_follow_split_file_and_success_only(tmp_path):

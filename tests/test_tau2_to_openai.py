@@ -61,10 +61,12 @@ def test_records_are_openai_chat_format(tmp_path, intermediate):
         {"role": "tool", "tool_call_id": "s1_a4", "content": '{"ticket_id": "TCK-1"}'},
         {"role": "assistant", "content": "Ticket TCK-1 is open. Anything else?"},
     ]
+    peak = metrics.pop("peak_rss_mb")
+    assert peak > 0
     assert metrics == {"train_examples": 2, "test_examples": 1, "messages": 39, "assistant_turns": 18,
                        "tool_call_turns": 9, "parallel_tool_call_turns": 3, "tool_calls": 12, "tool_results": 12,
                        "messages_cut_after_last_assistant": 3}
-    assert json.loads((tmp_path / "openai_metrics.json").read_text()) == metrics
+    assert json.loads((tmp_path / "openai_metrics.json").read_text()) == metrics | {"peak_rss_mb": peak}
 
 
 def check_invariants(records: list[dict], sources: dict) -> None:

@@ -12,10 +12,10 @@ from tests.chats import chat, tool_chat, write_jsonl
 from tests.conftest import params_file
 
 
-def run(tmp_path, data, tiny_model_dir, **section):
+def run(tmp_path, data, tiny_model_dir, extra=(), **section):
     params = params_file(tmp_path / "params.yaml", {"token_analysis": section})
     return token_analysis.main(["--params", str(params), "--data", str(data), "--tokenizer", str(tiny_model_dir),
-                                "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "metrics.json")])
+                                "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "metrics.json"), *extra])
 
 
 def plot_data(out, name) -> list[dict]:
@@ -107,7 +107,9 @@ def test_remove_system_messages_and_sampling(tmp_path, tiny_model_dir):
     assert without["assistant_tokens"] == with_system["assistant_tokens"]
     sampled = run(tmp_path, data, tiny_model_dir, num_samples=7, seed=3)
     assert sampled["examples"] == 7
-    assert run(tmp_path, data, tiny_model_dir, num_samples=7, seed=3) == sampled
+    again = run(tmp_path, data, tiny_model_dir, num_samples=7, seed=3)
+    assert again.pop("peak_rss_mb") > 0 and sampled.pop("peak_rss_mb") > 0  # the run's memory, not its result
+    assert again == sampled
 
 
 def test_outputs_are_deterministic(tmp_path, tiny_model_dir):
@@ -153,3 +155,18 @@ def test_bad_params(tmp_path, tiny_model_dir, section, message):
 def test_missing_data_is_named(tmp_path, tiny_model_dir):
     with pytest.raises(StageError, match=r"nothing: no JSONL files found"):
         run(tmp_path, tmp_path / "nothing", tiny_model_dir)
+
+
+def test_lengths_file_holds_the_percentiles_and_no_measurement_of_the_run(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", [chat(i) for i in range(9)])
+    lengths = tmp_path / "lengths.json"
+    metrics = run(tmp_path, data, tiny_model_dir, extra=["--lengths", str(lengths)], step=16)
+    written = json.loads(lengths.read_text())
+    assert written["examples"] == metrics["examples"] == 9
+    assert written["assistant_p100"] == metrics["assistant_p100"] >= written["assistant_p50"] > 0
+    assert {key: metrics[key] for key in written} == written
+    assert "peak_rss_mb" in metrics and "peak_rss_mb" not in written and "max_length_for_loss" not in written
+    first = lengths.read_bytes()
+    run(tmp_path, data, tiny_model_dir, extra=["--lengths", str(lengths)], step=32)  # another plot grid
+    assert lengths.read_bytes() == first
