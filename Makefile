@@ -10,7 +10,7 @@ TEST_STAMP := $(VENV)/.installed-test
 # Stage commands in dvc.yaml say `python`: make it the venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install browser repro test test-fast benchmarks push pull clean-venv
+.PHONY: install browser repro tryout test test-fast benchmarks push pull clean-venv
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ browser:
 
 repro: $(STAMP)
 	$(BIN)/dvc repro
+
+# Try the models `make repro` built in the browser (tools/tryout.py): chat, blind comparisons whose votes go to
+# data/raw/labels/tryout.jsonl, a leaderboard. PORT=n picks another port than 7860; Ctrl-C stops it.
+tryout: $(STAMP)
+	$(BIN)/python -m tools.tryout $(if $(PORT),--port $(PORT))
 
 # Share results: check that the remote answers (one line naming it and what to check), then move the data.
 # REMOTE=name picks a remote other than the default.

@@ -5,12 +5,16 @@ In:  the human preference pool (generate_preferences' human.jsonl: prompt, respo
      labelled prompt: {"prompt_id", "preference": "1" | "2" | "tie", "response_1", "response_2", "labeller"};
      params `label_human`
      optionally the held-out pool (eval.jsonl) with its own labels file (--eval-pool, --eval-labels)
+     optionally the try-out page's votes (--tryout-votes, stages/lib/votes.py): each a label that carries
+     its own prompt and the two models; label_human.include_tryout: true appends them to <out>
 Out: <out>      one labelled pair per labelled prompt, in pool order:
                 {"prompt", "chosen", "rejected", "metadata": {...pool metadata, "grader": "human",
                  "preference": "1" | "2", "is_equal", "labeller"}}  (a tie: is_equal true, chosen = response_1)
+                then, with include_tryout, one pair per vote in file order, metadata {"prompt_id", "pool": "tryout",
+                 "grader": "human", "preference", "is_equal", "labeller", "models", "chosen_model"}
      <eval-out> the same for the held-out pool: pairs DPO is scored on, never trained on
      <metrics>  pool size, labelled, ties, preferred_1 / preferred_2, unlabelled, labels_on_earlier_samples
-                (and the same under "eval" for the held-out pool)
+                (and the same under "eval" for the held-out pool; under "tryout": votes, included, ties)
 
     python -m stages.label_human --pool data/preferences/human.jsonl --labels data/raw/labels/human.jsonl \
         --out data/labelled/human.jsonl --metrics metrics/label_human.json
@@ -31,6 +35,7 @@ from stages.lib.io import write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, load_section
 from stages.lib.records import LabelledPair, read_labels, read_pool, write_labelled_pairs
+from stages.lib.votes import Vote, read_votes
 
 log = get_logger("label_human")
 
@@ -38,6 +43,7 @@ log = get_logger("label_human")
 @dataclass
 class LabelHumanParams:
     min_labels: int  # fewer labels than this stops the stage: a half-labelled pool is not silently trained on
+    include_tryout: bool = False  # the try-out page's votes join the pool's pairs in <out> (the rlhf pairs)
 
     def __post_init__(self):
         if self.min_labels < 1:
@@ -51,6 +57,19 @@ def labelled_pair(record: dict, label: dict) -> dict:
     metadata = {**record["metadata"], "grader": "human", "preference": "2" if preference == "2" else "1",
                 "is_equal": preference == "tie", "labeller": label["labeller"]}
     return LabelledPair(prompt=record["prompt"], chosen=chosen, rejected=rejected, metadata=metadata)
+
+
+def vote_pair(vote: Vote) -> dict:
+    """A try-out vote as a labelled pair: its own prompt, the reply preferred (a tie: the left one) as chosen."""
+    preference = vote["preference"]
+    first, second = vote["response_1"], vote["response_2"]
+    chosen, rejected = (second, first) if preference == "2" else (first, second)
+    models = vote["models"]
+    metadata = {"prompt_id": vote["prompt_id"], "pool": "tryout", "grader": "human",
+                "preference": "2" if preference == "2" else "1", "is_equal": preference == "tie",
+                "labeller": vote["labeller"], "models": models,
+                "chosen_model": models[1] if preference == "2" else models[0]}
+    return LabelledPair(prompt=vote["prompt"], chosen=chosen, rejected=rejected, metadata=metadata)
 
 
 def label_pool(pool_path: Path, labels_path: Path, min_labels: int, key: str) -> tuple[list[dict], dict]:
@@ -104,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     held_out.add_argument("--eval-pool", type=Path, help="the held-out pool (generate_preferences' eval.jsonl)")
     held_out.add_argument("--eval-labels", type=Path, help="its labels file")
     held_out.add_argument("--eval-out", type=Path, help="held-out pairs labelled by people")
+    parser.add_argument("--tryout-votes", type=Path, default=None,
+                        help="votes from tools.tryout (a missing file holds none); see label_human.include_tryout")
     args = parser.parse_args(argv)
     given = [name for name in ("eval_pool", "eval_labels", "eval_out") if getattr(args, name) is not None]
     if given and len(given) < 3:
@@ -117,12 +138,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     eval_pairs = None
     if given:
         eval_pairs, metrics["eval"] = label_pool(args.eval_pool, args.eval_labels, 1, "--eval-labels")
+    if args.tryout_votes is not None:
+        votes = read_votes(args.tryout_votes)
+        metrics["tryout"] = {"votes": len(votes), "included": params.include_tryout,
+                             "ties": sum(vote["preference"] == "tie" for vote in votes)}
+        if params.include_tryout:
+            pairs += [vote_pair(vote) for vote in votes]
+    elif params.include_tryout:
+        raise StageError("label_human.include_tryout: true needs --tryout-votes (the try-out page's votes file)")
     write_labelled_pairs(args.out, pairs)
     if eval_pairs is not None:
         write_labelled_pairs(args.eval_out, eval_pairs)
     write_metrics(args.metrics, metrics)
-    log.info("%d of %d prompts labelled (%d ties, %d on earlier samples)", len(pairs), metrics["pool_prompts"],
-             metrics["ties"], metrics["labels_on_earlier_samples"])
+    log.info("%d of %d prompts labelled (%d ties, %d on earlier samples)", metrics["labelled"],
+             metrics["pool_prompts"], metrics["ties"], metrics["labels_on_earlier_samples"])
+    if "tryout" in metrics:
+        log.info("try-out votes: %d, %s", metrics["tryout"]["votes"],
+                 "added to the pairs" if params.include_tryout else "left out (label_human.include_tryout: false)")
     if eval_pairs is not None:
         log.info("held out: %d of %d prompts labelled (%d ties)", len(eval_pairs), metrics["eval"]["pool_prompts"],
                  metrics["eval"]["ties"])

@@ -1,5 +1,7 @@
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,32 @@ MEASURED = ("peak_rss_mb", "peak_memory_mb")
 def metrics_result(path: Path) -> dict:
     """A metrics file's values without the measurements of the run."""
     return {key: value for key, value in json.loads(Path(path).read_text()).items() if key not in MEASURED}
+
+
+# The page in a real browser. Chromium and chromedriver come from the system (Debian: apt-get install
+# chromium chromium-driver); selenium must not fetch a driver of its own.
+
+def browser_binaries() -> tuple[str | None, str | None]:
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    return chromium, shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if importlib.util.find_spec("selenium") is None:
+        pytest.skip("selenium is not installed (pip install -r requirements.txt)")
+    chromium, chromedriver = browser_binaries()
+    if not chromium or not chromedriver:
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    os.environ["SE_OFFLINE"] = "true"
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1400,1000"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    yield driver
+    driver.quit()

@@ -10,7 +10,6 @@ from stages.lib.records import read_labels
 from tests.conftest import REPO_ROOT, metrics_result, params_file
 
 
-
 def pool_record(i: int) -> dict:
     return {"prompt": [{"role": "system", "content": "Change their mind."},
                        {"role": "user", "content": f"OP: CMV: claim number {i}"}],
@@ -35,11 +34,11 @@ def pool(tmp_path) -> Path:
     return write_lines(tmp_path / "pool.jsonl", [pool_record(i) for i in range(5)])
 
 
-def run(tmp_path: Path, pool: Path, labels: Path, **section) -> dict:
+def run(tmp_path: Path, pool: Path, labels: Path, extra=(), **section) -> dict:
     params = params_file(tmp_path / "params.yaml", {"label_human": section})
     return label_human.main(["--params", str(params), "--pool", str(pool), "--labels", str(labels),
                              "--out", str(tmp_path / "out" / "human.jsonl"),
-                             "--metrics", str(tmp_path / "metrics.json")])
+                             "--metrics", str(tmp_path / "metrics.json"), *extra])
 
 
 def read_out(tmp_path: Path) -> list[dict]:
@@ -225,3 +224,64 @@ def test_held_out_labels_are_checked_like_training_labels(tmp_path, pool):
         label_human.main([*common, "--eval-pool", str(other_pool), "--eval-labels", str(eval_labels),
                           "--eval-out", str(tmp_path / "e.jsonl")])
     assert not (tmp_path / "h.jsonl").exists() and not (tmp_path / "e.jsonl").exists()
+
+
+def vote(i: int, preference: str, models=("base", "sft/persona")) -> dict:
+    return {"prompt_id": f"tryout-{i:012x}", "preference": preference, "response_1": f"left reply {i}",
+            "response_2": f"right reply {i}", "labeller": "cy",
+            "prompt": [{"role": "user", "content": f"typed message {i}"}], "models": list(models),
+            "settings": {"temperature": 0.7, "top_p": 0.95, "seed": 0, "max_new_tokens": 256, "system": None}}
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_tryout_votes_join_the_pairs_only_when_asked(tmp_path, pool, include):
+    labels = write_lines(tmp_path / "labels.jsonl", [label(1, "1")])
+    votes = write_lines(tmp_path / "tryout.jsonl", [vote(1, "2"), vote(2, "tie", ("rl", "base"))])
+    metrics = run(tmp_path, pool, labels, extra=["--tryout-votes", str(votes)], include_tryout=include)
+    assert metrics["tryout"] == {"votes": 2, "included": include, "ties": 1}
+    assert metrics["labelled"] == 1  # the pool's own count
+    rows = read_out(tmp_path)
+    assert rows[0]["metadata"]["prompt_id"] == "cmv:t1_1"
+    if not include:
+        assert len(rows) == 1
+        return
+    first, tie = rows[1:]
+    assert first["prompt"] == [{"role": "user", "content": "typed message 1"}]
+    assert (first["chosen"], first["rejected"]) == ("right reply 1", "left reply 1")
+    assert first["metadata"] == {"prompt_id": "tryout-000000000001", "pool": "tryout", "grader": "human",
+                                 "preference": "2", "is_equal": False, "labeller": "cy",
+                                 "models": ["base", "sft/persona"], "chosen_model": "sft/persona"}
+    assert (tie["chosen"], tie["metadata"]["is_equal"], tie["metadata"]["chosen_model"]) == ("left reply 2", True, "rl")
+
+
+def test_a_votes_file_written_by_the_page_feeds_the_stage(tmp_path, pool):
+    from stages.lib.votes import append_vote
+
+    votes = tmp_path / "labels" / "tryout.jsonl"
+    for i, preference in enumerate(("1", "2", "tie")):
+        append_vote(votes, vote(i, preference))
+    assert len(votes.read_text().splitlines()) == 3
+    assert sorted(p.name for p in votes.parent.iterdir()) == [".tryout.jsonl.lock", "tryout.jsonl"]  # no temporaries
+    labels = write_lines(tmp_path / "labels.jsonl", [label(1, "1")])
+    metrics = run(tmp_path, pool, labels, extra=["--tryout-votes", str(votes)], include_tryout=True)
+    assert metrics["tryout"]["votes"] == 3 and len(read_out(tmp_path)) == 4
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"preference": "left"}, r"tryout\.jsonl:2: preference must be \"1\", \"2\" or \"tie\", got 'left'$"),
+    ({"models": ["base"]}, r"tryout\.jsonl:2: 'models' must name the two models, got \['base'\]$"),
+    ({"prompt": []}, r"tryout\.jsonl:2: prompt: 'messages' must be a non-empty list$"),
+    ({"prompt_id": "tryout-000000000000"}, r"tryout\.jsonl:2: duplicate vote id 'tryout-000000000000' \(first at line 1\)$"),
+])
+def test_a_bad_vote_stops_the_stage_at_its_line_and_writes_nothing(tmp_path, pool, bad, message):
+    labels = write_lines(tmp_path / "labels.jsonl", [label(1, "1")])
+    votes = write_lines(tmp_path / "tryout.jsonl", [vote(0, "1"), {**vote(1, "1"), **bad}])
+    with pytest.raises(StageError, match=message):
+        run(tmp_path, pool, labels, extra=["--tryout-votes", str(votes)])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_including_votes_without_a_votes_file_is_a_line(tmp_path, pool):
+    labels = write_lines(tmp_path / "labels.jsonl", [label(1, "1")])
+    with pytest.raises(StageError, match=r"^label_human\.include_tryout: true needs --tryout-votes"):
+        run(tmp_path, pool, labels, include_tryout=True)

@@ -1,11 +1,9 @@
 """The labelling tool: its HTTP API (urllib), its command line, and the page in a real headless Chromium."""
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -252,34 +250,7 @@ def test_command_line_serves_until_interrupted_and_reports_errors_in_one_line(tm
     assert read_labels(labels) == [label(2, "2", labeller="cli")]
 
 
-# The page in a real browser. Chromium and chromedriver come from the system (Debian: apt-get install
-# chromium chromium-driver); selenium must not fetch a driver of its own.
-
-def browser_binaries() -> tuple[str | None, str | None]:
-    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-    return chromium, shutil.which("chromedriver")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if importlib.util.find_spec("selenium") is None:
-        pytest.skip("selenium is not installed (pip install -r requirements.txt)")
-    chromium, chromedriver = browser_binaries()
-    if not chromium or not chromedriver:
-        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-    os.environ["SE_OFFLINE"] = "true"
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1400,1000"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    yield driver
-    driver.quit()
-
+# The page in a real browser (the `browser` fixture: tests/conftest.py).
 
 class Page:
     """The labelling page as a person sees it: keys in, what is on screen out."""

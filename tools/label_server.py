@@ -233,7 +233,7 @@ class LabelServer(ThreadingHTTPServer):
         return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def require_loopback(host: str) -> None:
+def require_loopback(host: str, what: str = "the labelling server") -> None:
     if host == "localhost":
         return
     try:
@@ -241,7 +241,7 @@ def require_loopback(host: str) -> None:
     except ValueError:
         loopback = False
     if not loopback:
-        raise StageError(f"--host {host}: the labelling server has no authentication and only listens on "
+        raise StageError(f"--host {host}: {what} has no authentication and only listens on "
                          f"localhost (127.0.0.1, ::1); reach it from elsewhere through an SSH tunnel")
 
 
