@@ -6,7 +6,8 @@ In:  --start   the policy to improve: an SFT adapter (models/sft/persuasion), an
      --train   labelled pairs (label_ai / label_human: `{"prompt", "chosen", "rejected", "metadata"}`)
      --eval    held-out labelled pairs for preference accuracy and reward margin
      --eval-human  optional: held-out pairs labelled by people, scored the same way (eval_human_*)
-     params `dpo.defaults` with `dpo.<name>` on top (any trl DPOConfig field under `trainer:`)
+     params `dpo.defaults` with `dpo.<name>` on top (any trl DPOConfig field under `trainer:`; a `start`
+               set there is what dvc.yaml passes as --start, as for dpo@imported, and must equal it)
 Out: models/dpo/<name>/          adapter + stack.json (what it sits on) + tokenizer + README.md model card
      metrics/dpo/<name>.json     held-out reward margin, preference accuracy and loss, before and after
      plots/dpo/<name>/           DVCLive curves: loss, rewards/chosen, rewards/rejected, margins, accuracies
@@ -46,6 +47,9 @@ CUT_MARK = "\n[...]\n"
 
 @dataclass
 class DPOParams:
+    # What dvc.yaml passes as --start, for a variant whose item reads it from params (dpo.imported); null: the
+    # item names the start itself. Checked, never used in place of --start.
+    start: Path | None
     method: Literal["lora", "full"]
     lora: LoraParams
     precision: Literal["auto", "bf16", "fp16", "fp32"]
@@ -193,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     run = load_variant_params(args.params, "dpo", args.name, DPOParams)
     params = run.params
+    if params.start is not None and params.start != args.start:
+        raise StageError(f"{run.where('start')}: {params.start}, but --start is {args.start} (dvc.yaml's "
+                         f"dpo@{args.name} must pass ${{dpo.{args.name}.start}})")
     require_policy_dir(args.start, "--start")
     precision = training_precision(params.precision, params.method, f"{run.key}.precision")
     config = dpo_config(run, args.out.with_name(args.out.name + ".work"), precision)

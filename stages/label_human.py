@@ -43,7 +43,7 @@ log = get_logger("label_human")
 @dataclass
 class LabelHumanParams:
     min_labels: int  # fewer labels than this stops the stage: a half-labelled pool is not silently trained on
-    include_tryout: bool = False  # the try-out page's votes join the pool's pairs in <out> (the rlhf pairs)
+    include_tryout: bool  # the try-out page's votes join the pool's pairs in <out> (the rlhf pairs)
 
     def __post_init__(self):
         if self.min_labels < 1:

@@ -75,9 +75,10 @@ def task_table(evals: list[dict], task: str) -> list[str]:
     return lines + [""]
 
 
-# The study's approaches, in its order; other persuasion models follow under their own names.
+# The study's approaches in its order, then DPO on imported pairs; other models follow under their own names.
 STUDY = {"base": "Base", "sft_persuasion": "SFT", "dpo_rlhf": "RLHF only (DPO on people's labels)",
-         "dpo_rlaif": "RLAIF (DPO on AI labels)", "dpo_rlaif_rlhf": "RLAIF → RLHF"}
+         "dpo_rlaif": "RLAIF (DPO on AI labels)", "dpo_rlaif_rlhf": "RLAIF → RLHF",
+         "dpo_imported": "DPO on imported pairs"}
 
 
 def interval(block: dict) -> str:

@@ -120,10 +120,10 @@ ALL_STAGES = [
     "base_model", "persona_dataset", "cmv_preprocess", "p4g_preprocess", "sft_dataset", "tau2_make",
     "tau2_to_openai", "token_analysis@persona", "token_analysis@persuasion", "token_analysis@agent",
     "sft@persona", "sft@persuasion", "sft@agent", "outcome_pairs", "reward_model@style", "reward_model@persuasion",
-    "generate_preferences", "label_ai", "label_human",
-    "dpo@rlhf", "dpo@rlaif", "dpo@rlaif_rlhf", "rl",
+    "generate_preferences", "label_ai", "label_human", "import_pairs",
+    "dpo@rlhf", "dpo@rlaif", "dpo@rlaif_rlhf", "dpo@imported", "rl",
     *(f"evaluate@{model}" for model in ("base", "sft_persona", "sft_persuasion", "sft_agent", "dpo_rlhf", "dpo_rlaif",
-                                        "dpo_rlaif_rlhf", "rl")),
+                                        "dpo_rlaif_rlhf", "dpo_imported", "rl")),
     "compare", "report",
 ]
 

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -175,4 +176,19 @@ def test_bad_inputs_are_one_line(workdir, tiny_model_dir):
         params = write_params(workdir / "p.yaml", {"dpo": {"defaults": FAST, "rlaif": {}}})
         dpo.main(["--params", str(params), "--name", "other", "--start", str(tiny_model_dir), "--train", "t",
                   "--eval", "e", "--out", "o", "--metrics", "m", "--plots", "p"])
+    assert not (workdir / "out").exists()
+
+
+def test_a_start_in_params_must_be_the_start_dvc_yaml_passes(workdir, tiny_model_dir):
+    """dvc.yaml's dpo@imported passes --start ${dpo.imported.start}; a start set anywhere else is refused."""
+    params = params_file(workdir / "params.yaml", {"dpo": {"imported": {"start": "models/sft/persona"}}})
+    argv = ["--params", str(params), "--name", "imported", "--start", str(tiny_model_dir), "--train", "t",
+            "--eval", "e", "--out", str(workdir / "out"), "--metrics", "m", "--plots", "p"]
+    with pytest.raises(StageError, match=rf"^dpo\.imported\.start: models/sft/persona, but --start is "
+                                         rf"{re.escape(str(tiny_model_dir))} \(dvc\.yaml's dpo@imported must pass "
+                                         rf"\$\{{dpo\.imported\.start\}}\)$"):
+        dpo.main(argv)
+    params = params_file(workdir / "params.yaml", {"dpo": {"defaults": {"start": "models/sft/persona"}, "rlhf": {}}})
+    with pytest.raises(StageError, match=r"^dpo\.defaults\.start: models/sft/persona, but --start is "):
+        dpo.main(["--params", str(params), "--name", "rlhf", *argv[4:]])
     assert not (workdir / "out").exists()

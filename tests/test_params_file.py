@@ -13,6 +13,7 @@ from stages.cmv_preprocess import CmvPreprocessParams
 from stages.compare import CompareParams
 from stages.evaluate import EvaluateParams
 from stages.generate_preferences import GeneratePreferencesParams
+from stages.import_pairs import ImportPairsParams
 from stages.label_ai import LabelAIParams
 from stages.label_human import LabelHumanParams
 from stages.lib.params import load_params, parse_section
@@ -41,6 +42,7 @@ SECTIONS = {
     "generate_preferences": GeneratePreferencesParams,
     "label_ai": LabelAIParams,
     "label_human": LabelHumanParams,
+    "import_pairs": ImportPairsParams,
     "rl": RLParams,
     "evaluate": EvaluateParams,
     "compare": CompareParams,
@@ -96,6 +98,15 @@ def test_every_dpo_variant_parses_and_has_a_stage():
         assert config.max_length > run.params.max_prompt_tokens and not config.gradient_checkpointing
     dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
     assert set(dvc_yaml["stages"]["dpo"]["foreach"]) == variants
+
+
+def test_a_dpo_start_set_in_params_is_the_one_dvc_yaml_passes():
+    """dpo.py refuses a `start` that differs from --start: a variant with one must get --start from it."""
+    items = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["dpo"]["foreach"]
+    starts = {variant: (values or {}).get("start") for variant, values in params()["dpo"].items()}
+    assert starts.pop("defaults") is None and starts["imported"] == "models/sft/persuasion"
+    for variant, start in starts.items():
+        assert (items[variant]["start"] == f"${{dpo.{variant}.start}}") == (start is not None), variant
 
 
 def test_every_rl_algorithm_config_builds_from_its_trainer_block():

@@ -57,23 +57,29 @@ def test_full_pipeline_runs_then_is_up_to_date(repo):
     held_out = [json.loads(line) for line in repo.path("data/labelled/eval_human.jsonl").read_text().splitlines()]
     assert [p["metadata"]["is_equal"] for p in held_out] == [p == "tie" for p in repo.preferences["eval"]]
     assert all(p["metadata"]["pool"] == "eval" for p in held_out)
-    for variant, pairs in (("rlhf", 4), ("rlaif", 24 - judged["ai"]["ties"]), ("rlaif_rlhf", 4)):
+    imported = json.loads(repo.path("metrics/import_pairs.json").read_text())
+    assert (imported["records"], imported["pairs"]) == (24, 24)
+    for variant, pairs in (("rlhf", 4), ("rlaif", 24 - judged["ai"]["ties"]), ("rlaif_rlhf", 4), ("imported", 24)):
         dpo = json.loads(repo.path(f"metrics/dpo/{variant}.json").read_text())
         assert dpo["train_pairs"] == pairs and dpo["eval_pairs"] == 12 and dpo["eval_human_pairs"] == 8, variant
         assert math.isfinite(dpo["eval_human_reward_margin"]) and 0 <= dpo["eval_human_reward_accuracy"] <= 1
     stack = json.loads(repo.path("models/dpo/rlaif_rlhf/stack.json").read_text())
     assert stack == {"base": "models/base", "adapters": ["models/sft/persuasion", "models/dpo/rlaif"]}
+    stack = json.loads(repo.path("models/dpo/imported/stack.json").read_text())
+    assert stack == {"base": "models/base", "adapters": ["models/sft/persuasion"]}  # dpo.imported.start
     rl = json.loads(repo.path("metrics/rl.json").read_text())
     assert (rl["algorithm"], rl["steps"], rl["eval_replies"]) == ("ppo", 2, 4)
 
     evals = {path.stem: json.loads(path.read_text()) for path in repo.path("metrics/eval").glob("*.json")}
     assert set(evals) == {"base", "sft_persona", "sft_persuasion", "sft_agent", "dpo_rlhf", "dpo_rlaif",
-                          "dpo_rlaif_rlhf", "rl"}
+                          "dpo_rlaif_rlhf", "dpo_imported", "rl"}
     assert set(evals["base"]) >= {"persuasion", "agent", "persona", "style", "perplexity"}
     assert evals["base"]["style"]["kl_to_reference"] == 0 and evals["rl"]["style"]["kl_to_reference"] != 0
-    assert evals["dpo_rlaif"]["persuasion"]["prompts"] == 12 and evals["sft_agent"]["agent"]["tool_prompts"] == 3
+    # Every tool-calling turn of the agent test split.
+    assert evals["dpo_rlaif"]["persuasion"]["prompts"] == 12 and evals["sft_agent"]["agent"]["tool_prompts"] == 15
     compared = json.loads(repo.path("metrics/compare.json").read_text())
-    assert set(compared["persuasion"]) == {"base", "sft_persuasion", "dpo_rlhf", "dpo_rlaif", "dpo_rlaif_rlhf"}
+    assert set(compared["persuasion"]) == {"base", "sft_persuasion", "dpo_rlhf", "dpo_rlaif", "dpo_rlaif_rlhf",
+                                           "dpo_imported"}
     assert all(set(by) == {"llm_persuasion", "persuasion_rm"} for by in compared["persuasion"].values())
     assert compared["judges"]["persuasion_rm"]["trained_on"] and not compared["judges"]["llm_persuasion"]["trained_on"]
     assert compared["judges"]["llm_persuasion"]["people"]["pairs"] > 0 and set(compared["style"]) == {"base", "rl"}
@@ -141,14 +147,16 @@ def test_experiments_change_dpo_beta_then_compare_and_queue(repo):
     git(repo.root, "commit", "-q", "-m", "baseline results")
     beta = "dpo.defaults.trainer.beta"
 
-    samples = [f"plots/eval/{model}/persuasion.jsonl" for model in ("dpo_rlhf", "dpo_rlaif", "dpo_rlaif_rlhf")]
+    samples = [f"plots/eval/{model}/persuasion.jsonl"
+               for model in ("dpo_rlhf", "dpo_rlaif", "dpo_rlaif_rlhf", "dpo_imported")]
     before = [repo.path(path).read_text() for path in samples]
     result = repo.dvc("exp", "run", "-n", "beta-02", "-S", f"{beta}=0.2")
     # Only DPO and what reads its models run again; compare judges again only if a model's replies changed
     # (a tiny model's greedy-ish samples may come out the same under a slightly different adapter).
     replies_changed = [repo.path(path).read_text() for path in samples] != before
-    assert sorted(stages_run(result)) == sorted(["dpo@rlhf", "dpo@rlaif", "dpo@rlaif_rlhf", "evaluate@dpo_rlhf",
-                                                 "evaluate@dpo_rlaif", "evaluate@dpo_rlaif_rlhf", "report"]
+    assert sorted(stages_run(result)) == sorted(["dpo@rlhf", "dpo@rlaif", "dpo@rlaif_rlhf", "dpo@imported",
+                                                 "evaluate@dpo_rlhf", "evaluate@dpo_rlaif", "evaluate@dpo_rlaif_rlhf",
+                                                 "evaluate@dpo_imported", "report"]
                                                 + ["compare"] * replies_changed)
     diff = json.loads(repo.dvc("exp", "diff", "HEAD", "beta-02", "--json").stdout)
     assert diff["params"]["params.yaml"][beta] == {"old": 0.1, "new": 0.2, "diff": 0.1}

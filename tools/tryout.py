@@ -24,7 +24,6 @@ The page has no authentication and listens on loopback only; reach it from elsew
 
 import argparse
 import gc
-import getpass
 import os
 import random
 import signal
@@ -41,7 +40,7 @@ from stages.lib.log import get_logger
 from stages.lib.policy import is_adapter, load_policy, read_model_tools
 from stages.lib.votes import DEFAULT_VOTES, append_vote, new_vote_id, read_votes
 from tools.chat import generation_kwargs
-from tools.label_server import require_loopback
+from tools.label_server import default_labeller, require_loopback
 from tools.leaderboard import leaderboard
 
 log = get_logger("tryout")
@@ -375,13 +374,6 @@ def build_page(models: Models, votes_path: Path, labeller: str):
 def models_root(models: Models) -> str:
     paths = list(models.paths.values())
     return str(paths[0].parent if paths else "models")
-
-
-def default_labeller() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "anonymous"
 
 
 def launch(models_dir: Path, votes: Path, host: str = "127.0.0.1", port: int = 7860, labeller: str | None = None):
