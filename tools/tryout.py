@@ -182,6 +182,7 @@ def stream_reply(models: Models, name: str, messages: list[dict], settings: Sett
 
         if settings.seed is not None:
             set_seed(settings.seed)
+        started = time.perf_counter()
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()
         text, shown = "", 0.0
@@ -194,6 +195,7 @@ def stream_reply(models: Models, name: str, messages: list[dict], settings: Sett
         finally:
             stop.set()
             worker.join()
+            log.info("%s: %d characters in %.1f s", name, len(text), time.perf_counter() - started)
     if failure:
         raise StageError(f"{name}: generation failed: {failure[0]}")
     yield text
@@ -384,6 +386,10 @@ def launch(models_dir: Path, votes: Path, host: str = "127.0.0.1", port: int = 7
         raise StageError(f"--models {models_dir}: no model directories found (run `make repro` first, or point "
                          f"--models at a directory of models)")
     read_votes(votes)  # a malformed votes file stops here, with its file:line
+    # The libraries a first reply needs, imported now rather than on the first click (seconds, on a busy CPU).
+    import peft  # noqa: F401
+    from transformers import AutoModelForCausalLM, TextIteratorStreamer  # noqa: F401
+
     from stages.lib.models import inference_dtype
 
     models = Models(paths, dtype=inference_dtype())
