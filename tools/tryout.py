@@ -378,7 +378,8 @@ def models_root(models: Models) -> str:
     return str(paths[0].parent if paths else "models")
 
 
-def launch(models_dir: Path, votes: Path, host: str = "127.0.0.1", port: int = 7860, labeller: str | None = None):
+def launch(models_dir: Path, votes: Path, host: str = "127.0.0.1", port: int = 7860, labeller: str | None = None,
+           dtype: str = "float32"):
     """Start the page in the background (until `page.close()`); returns (page, models, url)."""
     require_loopback(host, "the try-out page")
     paths = find_models(models_dir)
@@ -390,9 +391,7 @@ def launch(models_dir: Path, votes: Path, host: str = "127.0.0.1", port: int = 7
     import peft  # noqa: F401
     from transformers import AutoModelForCausalLM, TextIteratorStreamer  # noqa: F401
 
-    from stages.lib.models import inference_dtype
-
-    models = Models(paths, dtype=inference_dtype())
+    models = Models(paths, dtype=dtype)
     page, theme = build_page(models, votes, labeller or default_labeller())
     try:
         _, url, _ = page.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
@@ -410,9 +409,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="a loopback address (default 127.0.0.1)")
     parser.add_argument("--port", default=7860, type=int)
     parser.add_argument("--labeller", default=None, help="name written with each vote (default: your user name)")
+    # One reply at a time is a matrix-vector product per token: on a CPU with AVX-512 BF16, measured 1.3-1.6x
+    # faster in float32 than in bfloat16 (which pays off for the stages' batched sampling, not here).
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="the models' dtype in memory (default float32)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    launch(args.models, args.votes, args.host, args.port, args.labeller)
+    launch(args.models, args.votes, args.host, args.port, args.labeller, args.dtype)
     log.info("open http://%s:%d/  (Ctrl-C stops)", args.host, args.port)
     try:
         while True:
