@@ -158,7 +158,7 @@ def test_compare_two_models_vote_and_find_the_vote_in_the_labels_file(browser, p
     assert not ui.votable()  # one vote a comparison
 
     browser.find_element(ui.by.XPATH, "//button[@role='tab' and contains(., 'Leaderboard')]").click()
-    ui.wait.until(lambda _: "1 votes" in ui.css("#leaderboard-note").text)
+    ui.wait.until(lambda _: "1 vote in" in ui.css("#leaderboard-note").text)
     table = ui.css("#leaderboard").text
     assert vote["models"][0] in table and vote["models"][1] in table
     assert models.loads <= 3 and len(models.loaded) <= 2

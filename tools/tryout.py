@@ -206,6 +206,10 @@ def settings_from(system, temperature, top_p, seed, max_new_tokens) -> Settings:
     return Settings(system or "", float(temperature), float(top_p), seed, int(max_new_tokens))
 
 
+def count(votes: int) -> str:
+    return f"{votes} vote" if votes == 1 else f"{votes} votes"
+
+
 def leaderboard_rows(votes_path: Path) -> tuple[list[list], str]:
     try:
         board = leaderboard(read_votes(votes_path))
@@ -217,10 +221,10 @@ def leaderboard_rows(votes_path: Path) -> tuple[list[list], str]:
     if not board["votes"]:
         note = f"No votes yet in {votes_path}: compare two models and vote."
     elif board["bradley_terry"]:
-        note = f"{board['votes']} votes in {votes_path}; ranked by Bradley–Terry strength (every pair has votes)."
+        note = f"{count(board['votes'])} in {votes_path}; ranked by Bradley–Terry strength (every pair has votes)."
     else:
         missing = "; ".join(" vs ".join(pair) for pair in board["missing_pairs"][:6])
-        note = (f"{board['votes']} votes in {votes_path}; sorted by win rate. The Bradley–Terry ranking appears "
+        note = (f"{count(board['votes'])} in {votes_path}; sorted by win rate. The Bradley–Terry ranking appears "
                 f"once every pair of models has votes (none yet for: {missing}).")
     return rows, note
 
