@@ -60,7 +60,8 @@ def serving(pool: Path, labels: Path, labeller: str = "tester"):
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
-    assert set(threading.enumerate()) == threads_before, "threads left running after shutdown"
+    # Threads of other servers in this process (a Gradio page's idle workers) may end meanwhile: only new ones count.
+    assert set(threading.enumerate()) - threads_before == set(), "threads left running after shutdown"
 
 
 def call(server, path: str, body=None, content_type="application/json", headers=None):
