@@ -61,15 +61,11 @@ def labelled_pair(record: dict, label: dict) -> dict:
 
 def vote_pair(vote: Vote) -> dict:
     """A try-out vote as a labelled pair: its own prompt, the reply preferred (a tie: the left one) as chosen."""
-    preference = vote["preference"]
-    first, second = vote["response_1"], vote["response_2"]
-    chosen, rejected = (second, first) if preference == "2" else (first, second)
+    pair = labelled_pair({"prompt": vote["prompt"], "metadata": {"prompt_id": vote["prompt_id"], "pool": "tryout"}},
+                         vote)
     models = vote["models"]
-    metadata = {"prompt_id": vote["prompt_id"], "pool": "tryout", "grader": "human",
-                "preference": "2" if preference == "2" else "1", "is_equal": preference == "tie",
-                "labeller": vote["labeller"], "models": models,
-                "chosen_model": models[1] if preference == "2" else models[0]}
-    return LabelledPair(prompt=vote["prompt"], chosen=chosen, rejected=rejected, metadata=metadata)
+    pair["metadata"].update(models=models, chosen_model=models[1] if vote["preference"] == "2" else models[0])
+    return pair
 
 
 def label_pool(pool_path: Path, labels_path: Path, min_labels: int, key: str) -> tuple[list[dict], dict]:

@@ -220,15 +220,20 @@ def write_pool(path: Path, records: Iterable[PoolRecord]) -> int:
     return write_records(path, records, PoolRecord)
 
 
+def check_label(label: dict, where: str) -> None:
+    """A label's fields: text ids and replies, a preference of PREFERENCES."""
+    for key in ("prompt_id", "response_1", "response_2", "labeller"):
+        if not isinstance(label[key], str):
+            raise StageError(f"{where}: '{key}' must be a string, got {label[key]!r}")
+    if label["preference"] not in PREFERENCES:
+        raise StageError(f"{where}: preference must be \"1\", \"2\" or \"tie\", got {label['preference']!r}")
+
+
 def read_labels(path: Path) -> list[tuple[int, LabelRecord]]:
     """`(line, label)` in file order: well-formed labels, at most one per prompt_id."""
     labels, seen = [], {}
     for line, label in iter_jsonl(path, required=fields_of(LabelRecord)):
-        for key in ("prompt_id", "response_1", "response_2", "labeller"):
-            if not isinstance(label[key], str):
-                raise StageError(f"{path}:{line}: '{key}' must be a string, got {label[key]!r}")
-        if label["preference"] not in PREFERENCES:
-            raise StageError(f"{path}:{line}: preference must be \"1\", \"2\" or \"tie\", got {label['preference']!r}")
+        check_label(label, f"{path}:{line}")
         prompt_id = label["prompt_id"]
         if prompt_id in seen:
             raise StageError(f"{path}:{line}: duplicate label for prompt_id '{prompt_id}' (first at line {seen[prompt_id]})")

@@ -22,7 +22,7 @@ from typing import TypedDict
 
 from stages.lib.errors import StageError
 from stages.lib.io import atomic_file, iter_jsonl
-from stages.lib.records import PREFERENCES, check_messages
+from stages.lib.records import check_label, check_messages
 
 DEFAULT_VOTES = Path("data/raw/labels/tryout.jsonl")
 
@@ -46,11 +46,7 @@ def new_vote_id() -> str:
 
 
 def check_vote(vote: dict, where: str) -> None:
-    for key in ("prompt_id", "response_1", "response_2", "labeller"):
-        if not isinstance(vote[key], str):
-            raise StageError(f"{where}: '{key}' must be a string, got {vote[key]!r}")
-    if vote["preference"] not in PREFERENCES:
-        raise StageError(f"{where}: preference must be \"1\", \"2\" or \"tie\", got {vote['preference']!r}")
+    check_label(vote, where)
     check_messages(vote["prompt"], f"{where}: prompt")
     models = vote["models"]
     if not (isinstance(models, list) and len(models) == 2 and all(isinstance(m, str) and m for m in models)):
