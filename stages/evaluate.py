@@ -218,7 +218,7 @@ def check_tool_calls(text: str, tools: list[dict]) -> dict:
     schemas = {t["function"]["name"]: t["function"].get("parameters", {}) for t in tools if "function" in t}
     blocks = TOOL_CALL.findall(text)
     result = {"called": bool(blocks), "parsed": bool(blocks), "known_tool": bool(blocks), "valid": bool(blocks),
-              "errors": []}
+              "errors": [], "calls": []}
     for block in blocks:
         try:
             call = json.loads(block)
@@ -230,6 +230,7 @@ def check_tool_calls(text: str, tools: list[dict]) -> dict:
             result.update(parsed=False, known_tool=False, valid=False)
             result["errors"].append(f"unparsable call: {type(err).__name__}")
             continue
+        result["calls"].append({"name": name, "arguments": arguments})
         if name not in schemas:
             result.update(known_tool=False, valid=False)
             result["errors"].append(f"unknown tool {name!r}")
@@ -254,13 +255,26 @@ def eval_agent(model, tokenizer, params: EvaluateParams, test_path: Path, sample
     replies = generate(model, tokenizer, prompts, params.agent.max_new_tokens, params.batch_size, params.seed)
     checks = [check_tool_calls(reply, record.get("tools") or []) for (record, _), reply in zip(turns, replies)]
     for (record, i), reply, check in zip(turns, replies, checks):
-        expected = [c["function"]["name"] for c in record["messages"][i]["tool_calls"]]
-        samples.append({"task": "agent", "turn": i, "expected_tools": expected, "reply": reply, **check})
+        reference = [reference_call(c) for c in record["messages"][i]["tool_calls"]]
+        # Beyond validity: did the reply call what the recorded agent called (names in order), and with the same
+        # arguments? The recorded agent's calls are one correct way through the task, not the only one.
+        check["expected_tools"] = check["valid"] and [c["name"] for c in check["calls"]] == [c["name"] for c in reference]
+        check["exact"] = check["valid"] and check["calls"] == reference
+        samples.append({"task": "agent", "turn": i, "expected_tools": [c["name"] for c in reference],
+                        "reply": reply, **check})
     share = lambda key: round(sum(c[key] for c in checks) / len(checks), 4) if checks else None  # noqa: E731
     return {"assistant_token_loss": round(nll / tokens, 4), "assistant_tokens": tokens,
             "examples": min(len(records), params.agent.max_examples or len(records)),
             "tool_prompts": len(checks), "tool_call_rate": share("called"), "tool_call_parsed": share("parsed"),
-            "tool_call_known_tool": share("known_tool"), "tool_call_validity": share("valid")}
+            "tool_call_known_tool": share("known_tool"), "tool_call_validity": share("valid"),
+            "tool_call_expected_tools": share("expected_tools"), "tool_call_exact": share("exact")}
+
+
+def reference_call(call: dict) -> dict:
+    """A recorded tool call (OpenAI `{function: {name, arguments}}` or flat) as {name, arguments-object}."""
+    function = call.get("function", call)
+    arguments = function.get("arguments") or {}
+    return {"name": function["name"], "arguments": json.loads(arguments) if isinstance(arguments, str) else arguments}
 
 
 HEADER = re.compile(r"<[A-Z][A-Z_]*>")

@@ -30,8 +30,8 @@ log = get_logger("report")
 # Columns shown per task, in order; any other numeric key of the block follows them.
 COLUMNS = {
     "persuasion": ["prompts", "mean_words", "empty_replies"],
-    "agent": ["assistant_token_loss", "tool_call_validity", "tool_call_rate", "tool_call_parsed",
-              "tool_call_known_tool", "tool_prompts"],
+    "agent": ["assistant_token_loss", "tool_call_validity", "tool_call_expected_tools", "tool_call_exact",
+              "tool_call_rate", "tool_call_parsed", "tool_call_known_tool", "tool_prompts"],
     "persona": ["valid", "valid_json", "right_count", "all_headers", "examples"],
     "style": ["kl_to_reference", "mean_words", "replies"],
     "perplexity": ["perplexity", "assistant_tokens", "examples"],

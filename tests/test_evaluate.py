@@ -96,8 +96,9 @@ def test_persuasion_replies_are_sampled_for_the_judges(workdir, tiny_model_dir, 
 
 
 def test_agent_loss_and_tool_call_validity(workdir, tiny_model_dir, inputs, monkeypatch):
-    calls = iter(['<tool_call>\n{"name": "lookup", "arguments": {"id": "7"}}\n</tool_call>',
-                  '<tool_call>\n{"name": "lookup", "arguments": {"id": 7}}\n</tool_call>'])
+    calls = iter(['<tool_call>\n{"name": "lookup", "arguments": {"id": "0"}}\n</tool_call>',  # the reference call
+                  '<tool_call>\n{"name": "lookup", "arguments": {"id": 7}}\n</tool_call>',
+                  '<tool_call>\n{"name": "lookup", "arguments": {"id": "9"}}\n</tool_call>'])  # valid, other order
     rendered = []
 
     def fake_generate(model, tokenizer, prompts, *args, **kwargs):
@@ -105,14 +106,19 @@ def test_agent_loss_and_tool_call_validity(workdir, tiny_model_dir, inputs, monk
         return [next(calls) for _ in prompts]
 
     monkeypatch.setattr(evaluate, "generate", fake_generate)
-    metrics = run(workdir, tiny_model_dir, "agent", inputs, agent={"max_tool_prompts": 2, "max_examples": 2})
+    metrics = run(workdir, tiny_model_dir, "agent", inputs, agent={"max_tool_prompts": 3, "max_examples": 2})
     block = metrics["agent"]
     # The tool list reaches the prompt, which stops right where the reference called the tool.
-    assert len(rendered) == 2 and all('"name": "lookup"' in p and p.endswith("<|im_start|>assistant\n")
+    assert len(rendered) == 3 and all('"name": "lookup"' in p and p.endswith("<|im_start|>assistant\n")
                                       for p in rendered)
-    assert block["tool_prompts"] == 2 and block["tool_call_rate"] == 1.0 and block["tool_call_known_tool"] == 1.0
-    assert block["tool_call_validity"] == 0.5  # the second call's id is an integer, the schema says string
-    assert samples_of(workdir, "agent")[1]["errors"] == ["lookup: $.id: 7 is not of type 'string'"]
+    assert block["tool_prompts"] == 3 and block["tool_call_rate"] == 1.0 and block["tool_call_known_tool"] == 1.0
+    # The second call's id is an integer, the schema says string; the third is valid but asks for order 9, not 2.
+    assert block["tool_call_validity"] == block["tool_call_expected_tools"] == round(2 / 3, 4)
+    assert block["tool_call_exact"] == round(1 / 3, 4)
+    samples = samples_of(workdir, "agent")
+    assert samples[1]["errors"] == ["lookup: $.id: 7 is not of type 'string'"]
+    assert [s["exact"] for s in samples] == [True, False, False] and samples[2]["calls"] == [
+        {"name": "lookup", "arguments": {"id": "9"}}]
     expected = assistant_loss_by_hand(tiny_model_dir, [tool_chat(0), tool_chat(1)])
     assert block["assistant_token_loss"] == pytest.approx(expected, rel=1e-3)
 
