@@ -92,6 +92,7 @@ class PerplexityEval:
 @dataclass
 class EvaluateParams:
     batch_size: int  # prompts per generate call
+    max_batch_tokens: int | None  # KV-cache tokens per generate call (rows x (prompt + new tokens)); null: no bound
     seed: int
     persuasion: PersuasionEval
     agent: AgentEval
@@ -99,7 +100,7 @@ class EvaluateParams:
     perplexity: PerplexityEval
 
     def __post_init__(self):
-        _at_least(self, ["batch_size"])
+        _at_least(self, ["batch_size", "max_batch_tokens"])
 
 
 @dataclass
@@ -133,9 +134,9 @@ def first(items: list, limit: int | None) -> list:
     return items if limit is None else items[:limit]
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, seed: int,
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, params: EvaluateParams,
              temperature: float = 0.0, top_p: float = 1.0, ended: list | None = None) -> list[str]:
-    """One reply per rendered prompt (greedy at temperature 0), in batches of similar length.
+    """One reply per rendered prompt (greedy at temperature 0), in batches of similar length and bounded size.
 
     `ended`, when given, is filled with whether each reply stopped by itself (an end-of-sequence token) rather
     than at max_new_tokens.
@@ -147,11 +148,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         ended[:] = [False] * len(prompts)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos]) | {tokenizer.eos_token_id}
-    torch.manual_seed(seed)
+    torch.manual_seed(params.seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    for indices, new in generate_batches(model, tokenizer, encoded, 1, max_new_tokens, batch_size, **sampling):
+    for indices, new in generate_batches(model, tokenizer, encoded, 1, max_new_tokens, params.batch_size,
+                                         params.max_batch_tokens, **sampling):
         for i, row, text in zip(indices, new.tolist(), tokenizer.batch_decode(new, skip_special_tokens=True)):
             replies[i] = text.strip()
             if ended is not None:
@@ -202,8 +204,8 @@ def eval_persuasion(model, tokenizer, params: EvaluateParams, pool_path: Path, s
     if not rows:
         raise StageError(f"{pool_path}: no prompts to evaluate on")
     p = params.persuasion
-    replies = generate(model, tokenizer, [render(tokenizer, r["prompt"]) for r in rows], p.max_new_tokens,
-                       params.batch_size, params.seed, p.temperature, p.top_p)
+    replies = generate(model, tokenizer, [render(tokenizer, r["prompt"]) for r in rows], p.max_new_tokens, params,
+                       p.temperature, p.top_p)
     for row, reply in zip(rows, replies):
         samples.append({"task": "persuasion", "prompt_id": row["metadata"]["prompt_id"], "reply": reply})
     return {"prompts": len(rows), "mean_words": round(sum(len(r.split()) for r in replies) / len(replies), 1),
@@ -252,7 +254,7 @@ def eval_agent(model, tokenizer, params: EvaluateParams, test_path: Path, sample
     for record, i in turns:
         template = resolve_chat_template(tokenizer, "auto", needs_assistant_mask=False, needs_tools=True)
         prompts.append(render(tokenizer, record["messages"][:i], template, record.get("tools")))
-    replies = generate(model, tokenizer, prompts, params.agent.max_new_tokens, params.batch_size, params.seed)
+    replies = generate(model, tokenizer, prompts, params.agent.max_new_tokens, params)
     checks = [check_tool_calls(reply, record.get("tools") or []) for (record, _), reply in zip(turns, replies)]
     for (record, i), reply, check in zip(turns, replies, checks):
         reference = [reference_call(c) for c in record["messages"][i]["tool_calls"]]
@@ -322,7 +324,7 @@ def eval_persona(model, tokenizer, params: EvaluateParams, val_path: Path, sampl
         expected.append((record["n_players"], HEADER.findall(line)))
         prompts.append(render(tokenizer, [m for m in record["messages"] if m["role"] != "assistant"]))
     ended = []
-    replies = generate(model, tokenizer, prompts, max_new_tokens, params.batch_size, params.seed, ended=ended)
+    replies = generate(model, tokenizer, prompts, max_new_tokens, params, ended=ended)
     checks = [check_persona(reply, n, headers) for reply, (n, headers) in zip(replies, expected)]
     for record, reply, check, done in zip(records, replies, checks, ended):
         samples.append({"task": "persona", "game_id": record.get("game_id"), "reply": reply, "finished": done,

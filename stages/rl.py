@@ -159,7 +159,7 @@ def single_logit_model(reward_dir: Path):
     return model
 
 
-def ppo_reward_model(reward_dir: Path, end_id: int):
+def ppo_reward_model(classifier, end_id: int):
     """The reward model as trl's PPO calls it: `getattr(model, model.base_model_prefix)` for hidden states,
     then `model.score`, read at the last token of the reply.
 
@@ -167,27 +167,29 @@ def ppo_reward_model(reward_dir: Path, end_id: int):
     (it scores bare texts): there its score hardly follows the reply's (correlation 0.5 on SmolLM2 replies).
     The hidden state at an end-of-turn token is replaced by the one before it, so the reward is the score of
     the conversation up to the reply's last word.
+
+    `classifier` (a `single_logit_model`) lends its backbone, which may be shared with a value model whose head
+    trains on the frozen features; the reward keeps a frozen copy of the head.
     """
     import torch
 
     class RewardAtLastWord(torch.nn.Module):
         base_model_prefix = "backbone_before_end"
 
-        def __init__(self, classifier):
+        def __init__(self):
             super().__init__()
-            self.classifier = classifier
-            self.score = classifier.score
+            self.backbone = getattr(classifier, classifier.base_model_prefix)
+            self.score = copy.deepcopy(classifier.score)
 
         def backbone_before_end(self, input_ids, **kwargs):
-            backbone = getattr(self.classifier, self.classifier.base_model_prefix)
-            output = backbone(input_ids=input_ids, **kwargs)
+            output = self.backbone(input_ids=input_ids, **kwargs)
             last = output.hidden_states[-1]
             previous = torch.cat([last[:, :1], last[:, :-1]], dim=1)
             shifted = torch.where((input_ids == end_id)[..., None], previous, last)
             output.hidden_states = (*output.hidden_states[:-1], shifted)
             return output
 
-    return RewardAtLastWord(single_logit_model(reward_dir))
+    return RewardAtLastWord()
 
 
 def mean(values) -> float:
@@ -287,9 +289,12 @@ def ppo_trainer(params: RLParams, config, policy, reference, tokenizer, reward_d
         return Dataset.from_dict({"input_ids": ppo_tokenizer(texts, add_special_tokens=False)["input_ids"]})
 
     value_model = single_logit_model(reward_dir)
+    # A value head on frozen reward-model features shares the reward model's backbone (one copy in memory);
+    # a fully trained value model needs its own.
+    reward_model = ppo_reward_model(value_model if params.value_model == "head" else single_logit_model(reward_dir),
+                                    ppo_tokenizer.eos_token_id).eval().requires_grad_(False)
     if params.value_model == "head":
         value_model.requires_grad_(False).score.requires_grad_(True)
-    reward_model = ppo_reward_model(reward_dir, ppo_tokenizer.eos_token_id).eval().requires_grad_(False)
     return PPOTrainer(args=config, processing_class=ppo_tokenizer, model=policy, ref_model=reference,
                       reward_model=reward_model, value_model=value_model, train_dataset=encode(train),
                       eval_dataset=encode(held_out), peft_config=peft, callbacks=callbacks)

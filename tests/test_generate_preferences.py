@@ -4,7 +4,7 @@ import pytest
 
 from stages import generate_preferences
 from stages.lib import StageError
-from stages.lib.generation import prompt_cache, sample_pairs
+from stages.lib.generation import generate_batches, prompt_cache, sample_pairs, token_batches
 from stages.lib.policy import load_policy
 from tests.chats import write_jsonl
 from tests.conftest import params_file
@@ -116,6 +116,41 @@ def test_shared_prompt_cache_gives_what_plain_generation_gives(tiny_model_dir):
             output = model.generate(**inputs, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)
         expected = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         assert pair == (expected, expected)
+
+
+def test_batches_hold_similar_lengths_within_the_prompt_and_token_budgets():
+    lengths = [50, 10, 40, 20, 30, 400]
+    # By length; at most 3 prompts; no budget.
+    assert token_batches(lengths, 3) == [[1, 3, 4], [2, 0, 5]]
+    # Two rows a prompt, each as wide as the batch's longest prompt + 10 new tokens, at most 200 tokens of cache:
+    # 10+20 -> 2 x 2 x 30 = 120; adding 30 would be 3 x 2 x 40 = 240. The 400-token prompt alone exceeds it.
+    assert token_batches(lengths, 3, repeats=2, max_new_tokens=10, max_batch_tokens=200) == [
+        [1, 3], [4, 2], [0], [5]]
+    assert sorted(i for b in token_batches(lengths, 2, 1, 0, 60) for i in b) == list(range(6))
+
+
+def test_a_token_budget_splits_batches_without_changing_the_replies(tiny_model_dir):
+    model, tokenizer = load_policy(tiny_model_dir)
+    prompts = [persuasion_record(c, 0)["messages"][:2] for c in range(4)]
+    prompts[3][1]["content"] += " A longer question." * 4
+    encoded = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+    budget = 2 * 2 * (max(len(ids) for ids in encoded) + 6)  # two prompts of two rows at most
+
+    def new_tokens(max_batch_tokens):
+        rows, batches = {}, 0
+        for indices, new in generate_batches(model, tokenizer, encoded, 2, 6, 4, max_batch_tokens, do_sample=False,
+                                             temperature=None, top_p=None, top_k=None):
+            batches += 1
+            for j, i in enumerate(indices):  # up to the first EOS: what follows is padding
+                for row in new[2 * j:2 * j + 2].tolist():
+                    rows.setdefault(i, []).append(row[:row.index(tokenizer.eos_token_id) + 1]
+                                                  if tokenizer.eos_token_id in row else row)
+        return rows, batches
+
+    whole, one = new_tokens(None)
+    split, two = new_tokens(budget)
+    assert (one, two) == (1, 2) and split == whole and any(len(r) > 1 for rows in whole.values() for r in rows)
 
 
 def test_sliding_window_model_encodes_the_padded_batch_and_still_matches_plain_generation():

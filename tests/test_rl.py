@@ -142,13 +142,31 @@ def test_ppo_reads_the_reward_at_the_last_word_of_the_reply(reward_dir):
     assert pad not in (end, tokenizer.bos_token_id)
     # As trl's PPO hands it over: prompt, reply, end-of-turn token, padding.
     sequence = torch.tensor([prompt + reply + [end, pad, pad]])
-    _, score, _ = get_reward(rl.ppo_reward_model(reward_dir, end).eval(), sequence, pad, len(prompt))
+    _, score, _ = get_reward(rl.ppo_reward_model(rl.single_logit_model(reward_dir), end).eval(), sequence, pad,
+                             len(prompt))
     model = rl.single_logit_model(reward_dir).eval()
     with torch.no_grad():
         expected = model(torch.tensor([prompt + reply])).logits[0, 0]
         at_end = model.score(model.model(torch.tensor([prompt + reply + [end]])).last_hidden_state)[0, -1, 0]
     assert score.item() == pytest.approx(expected.item(), abs=1e-5)
     assert abs(at_end.item() - expected.item()) > 1e-3  # what trl would have read without the shift
+
+
+def test_the_value_head_shares_the_reward_backbone_and_training_it_leaves_the_reward_alone(reward_dir):
+    from trl.experimental.utils import get_reward
+
+    tokenizer = build_tokenizer()
+    pad = tokenizer.convert_tokens_to_ids(rl.ppo_pad_token(tokenizer))
+    sequence = torch.tensor([tokenizer("Hello, I changed my view", add_special_tokens=False)["input_ids"] + [pad]])
+    value = rl.single_logit_model(reward_dir)
+    reward = rl.ppo_reward_model(value, tokenizer.eos_token_id).eval().requires_grad_(False)
+    value.requires_grad_(False).score.requires_grad_(True)
+    assert reward.backbone is value.model and reward.score is not value.score
+    before = get_reward(reward, sequence, pad, 2)[1].item()
+    with torch.no_grad():
+        value.score.weight.add_(1.0)  # as a value-head update would
+    assert get_reward(reward, sequence, pad, 2)[1].item() == before
+    assert value.score.weight.requires_grad and not any(p.requires_grad for p in reward.parameters())
 
 
 def test_reward_model_with_another_tokenizer_is_one_line(workdir, tiny_model_dir):

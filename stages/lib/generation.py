@@ -18,6 +18,7 @@ from typing import Any, Iterator, Protocol
 def prompt_cache(model, prompts: list[list[int]], repeats: int, capacity: int):
     """A static KV cache holding every prompt but its last token, left-padded, each row `repeats` times.
 
+    Each prompt is encoded on its own and copied straight into its rows, so the cache is never held twice.
     The padded slots hold zeros that the attention mask hides. Models with sliding-window
     layers get None: the caller encodes the padded batch instead.
     """
@@ -29,31 +30,51 @@ def prompt_cache(model, prompts: list[list[int]], repeats: int, capacity: int):
     if not all(type(layer) is StaticLayer for layer in cache.layers):
         return None
     width = max(len(ids) for ids in prompts) - 1
-    encoded = [model(input_ids=torch.tensor([ids[:-1]], device=model.device), use_cache=True,
-                     logits_to_keep=1).past_key_values.layers for ids in prompts]
-
-    def stitched(tensors):
-        padded = [torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0)) for t in tensors]
-        return torch.cat(padded).repeat_interleave(repeats, 0)
-
-    for i in range(len(cache.layers)):
-        cache.update(stitched([layers[i].keys for layers in encoded]),
-                     stitched([layers[i].values for layers in encoded]), i)
+    for row, ids in enumerate(prompts):
+        layers = model(input_ids=torch.tensor([ids[:-1]], device=model.device), use_cache=True,
+                       logits_to_keep=1).past_key_values.layers
+        rows = slice(row * repeats, (row + 1) * repeats)
+        for target, layer in zip(cache.layers, layers):
+            if not target.is_initialized:  # allocates [rows, heads, capacity, dim] of the model's dtype
+                target.lazy_initialization(layer.keys.expand(len(prompts) * repeats, -1, -1, -1),
+                                           layer.values.expand(len(prompts) * repeats, -1, -1, -1))
+            length = layer.keys.shape[-2]
+            target.keys[rows, :, width - length:width] = layer.keys
+            target.values[rows, :, width - length:width] = layer.values
+    for target in cache.layers:
+        target.cumulative_length.fill_(width)
     return cache
 
 
+def token_batches(lengths: list[int], batch_size: int, repeats: int = 1, max_new_tokens: int = 0,
+                  max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices of `lengths` in batches of similar length: at most `batch_size` prompts, and (when given) at most
+    `max_batch_tokens` tokens of KV cache, `repeats` rows a prompt each as wide as the batch's longest prompt plus
+    the new tokens. A prompt too long for the budget alone gets a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        batch = batches[-1] if batches else None
+        cost = (len(batch) + 1) * repeats * (lengths[i] + max_new_tokens) if batch else 0
+        if batch is None or len(batch) == batch_size or (max_batch_tokens is not None and cost > max_batch_tokens):
+            batches.append([i])
+        else:
+            batch.append(i)
+    return batches
+
+
 def generate_batches(model, tokenizer, prompts: list[list[int]], repeats: int, max_new_tokens: int,
-                     batch_size: int, **sampling) -> Iterator[tuple[list[int], "torch.Tensor"]]:
+                     batch_size: int, max_batch_tokens: int | None = None,
+                     **sampling) -> Iterator[tuple[list[int], "torch.Tensor"]]:
     """For each batch: (prompt indices, new tokens), `repeats` rows per prompt, next to each other.
 
     `prompts` are token ids; `sampling` goes to `model.generate` (do_sample, temperature, top_p, ...).
+    Batches hold at most `batch_size` prompts and `max_batch_tokens` tokens of KV cache (`token_batches`).
     A row's new tokens end at its first EOS; what follows is padding.
     """
     import torch
 
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    for start in range(0, len(order), batch_size):
-        indices = order[start:start + batch_size]
+    for indices in token_batches([len(p) for p in prompts], batch_size, repeats, max_new_tokens, max_batch_tokens):
         inputs = tokenizer.pad({"input_ids": [prompts[i] for i in indices]}, padding_side="left",
                                return_tensors="pt").to(model.device)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
