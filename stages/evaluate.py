@@ -31,7 +31,7 @@ from typing import Sequence
 
 from stages.lib import StageError, run_stage
 from stages.lib.chat import resolve_chat_template
-from stages.lib.generation import generate_batches, reply_logprobs, sample_replies
+from stages.lib.generation import generate_batches, keeps_logits, reply_logprobs, sample_replies
 from stages.lib.io import atomic_dir, iter_jsonl, read_json, require_path, write_jsonl, write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, build, load_params, parse_section
@@ -189,14 +189,6 @@ def assistant_nll(model, tokenizer, records: list[dict]) -> tuple[float, int]:
         total += float(torch.nn.functional.cross_entropy(logits, ids[0, positions + 1], reduction="sum"))
         count += len(positions)
     return total, count
-
-
-def keeps_logits(model) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (most transformers causal LMs)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def eval_persuasion(model, tokenizer, params: EvaluateParams, pool_path: Path, samples: list) -> dict:

@@ -4,7 +4,8 @@ import pytest
 
 from stages import generate_preferences
 from stages.lib import StageError
-from stages.lib.generation import generate_batches, prompt_cache, sample_pairs, token_batches
+from stages.lib.generation import (generate_batches, prompt_cache, reply_logprobs, sample_pairs, sample_replies,
+                                   token_batches)
 from stages.lib.policy import load_policy
 from tests.chats import write_jsonl
 from tests.conftest import params_file
@@ -151,6 +152,23 @@ def test_a_token_budget_splits_batches_without_changing_the_replies(tiny_model_d
     whole, one = new_tokens(None)
     split, two = new_tokens(budget)
     assert (one, two) == (1, 2) and split == whole and any(len(r) > 1 for rows in whole.values() for r in rows)
+
+
+def test_reply_logprobs_in_row_chunks_over_reply_positions_equal_the_whole_computation(tiny_model_dir):
+    import torch
+    from types import SimpleNamespace
+
+    model, tokenizer = load_policy(tiny_model_dir)
+    sampling = SimpleNamespace(seed=3, temperature=0.7, response_length=5, eval_generations=2)
+    replies = sample_replies(model, tokenizer, ["Hello there", "Why do you think so, friend?", "Hi"], sampling)
+    positions = (replies.attention_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=replies.sequences, attention_mask=replies.attention_mask,
+                       position_ids=positions).logits[:, replies.prompt_length - 1:-1].float()
+    logprobs = torch.log_softmax(logits / 0.7, -1).gather(-1, replies.sequences[:, replies.prompt_length:, None])
+    expected = (logprobs.squeeze(-1) * replies.reply_mask).sum(1).tolist()
+    assert len(expected) == 6 and replies.reply_mask.sum() > 6
+    assert reply_logprobs(model, replies, 0.7, rows=4) == pytest.approx(expected, abs=1e-4)
 
 
 def test_sliding_window_model_encodes_the_padded_batch_and_still_matches_plain_generation():

@@ -84,8 +84,9 @@ def test_every_sft_workflow_parses_and_has_a_stage():
     for workflow in workflows:
         run = load_variant_params(REPO_ROOT / "params.yaml", "sft", workflow, sft.SFTParams)
         config = trainer_config(SFTConfig, run.params.trainer, f"{run.key}.trainer", REPO_ROOT / "checkpoints", "fp32")
-        # Activations are recomputed only where one conversation's alone would pass the 4 GB budget.
-        assert config.assistant_only_loss and config.gradient_checkpointing == (config.max_length > 4096)
+        # Activations are recomputed only where one conversation may be long enough to take the run past 4 GB
+        # (measured: 1.4k-token chats 3.3 GB, 2.5k-token games 4.0 GB without recomputing).
+        assert config.assistant_only_loss and config.gradient_checkpointing == (config.max_length > 2048)
     dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
     assert set(dvc_yaml["stages"]["sft"]["foreach"]) == workflows
 
