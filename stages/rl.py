@@ -251,10 +251,15 @@ def reward_judges(params: RLParams, params_path: Path) -> list:
 
 
 def combined_reward(refs: list, params: RLParams):
-    """`reward_fn(replies, starters=None)`: the weighted sum of the judges' scores of each reply."""
-    judges = [(load_judge(ref, batch_size=32), term.weight) for ref, term in zip(refs, params.rewards)]
+    """`reward_fn(replies, starters=None)`: the weighted sum of the judges' scores of each reply.
+
+    The judges load on first use; `reward_fn.release()` frees them until the next call (PPO trains on its own
+    reward model, so the judges need not stay in memory beside it)."""
+    judges = []
 
     def reward_fn(texts: list[str], starters: list[str] | None = None) -> list[float]:
+        if not judges:
+            judges.extend((load_judge(ref, batch_size=32), term.weight) for ref, term in zip(refs, params.rewards))
         prompts = [[{"role": "user", "content": s}] for s in (starters or [""] * len(texts))]
         total = [0.0] * len(texts)
         for judge, weight in judges:
@@ -262,6 +267,7 @@ def combined_reward(refs: list, params: RLParams):
                 total[i] += weight * score
         return total
 
+    reward_fn.release = judges.clear
     return reward_fn
 
 
@@ -448,6 +454,8 @@ def train_and_save(args, params: RLParams, config, start_dir: Path, tokenizer, r
     # With LoRA the trained policy with its adapter disabled is exactly the starting model: keep no copy.
     reference = start_model.eval().requires_grad_(False) if params.method == "full" else None
     del start_model
+    if params.algorithm == "ppo":
+        reward_fn.release()
 
     callbacks = live_callbacks(args.plots)
     set_seed(params.seed)
@@ -463,10 +471,12 @@ def train_and_save(args, params: RLParams, config, start_dir: Path, tokenizer, r
         gc.unfreeze()
     train_seconds = time.perf_counter() - train_started
 
-    policy = trained_policy(trainer, params.algorithm)
+    policy, state = trained_policy(trainer, params.algorithm), trainer.state
+    del trainer  # the value and reward models, the optimizer: only the policy is needed from here
+    gc.collect()
     after = sample_replies(policy, tokenizer, prompts, params)
     rewards_after = [reward_fn(group, [p] * len(group)) for p, group in zip(prompts, after.texts)]
-    curves = training_curves(trainer.state.log_history, params.algorithm)
+    curves = training_curves(state.log_history, params.algorithm)
     train_kl = [r["kl"] for r in curves if r["kl"] is not None]
     metrics = {
         "algorithm": params.algorithm, "start": str(start_dir), "method": params.method,
@@ -476,7 +486,7 @@ def train_and_save(args, params: RLParams, config, start_dir: Path, tokenizer, r
         "eval_kl": held_out_kl(policy, reference, after, params),
         "train_reward_first": round(curves[0]["reward"], 4) if curves else None,
         "train_reward_last": round(curves[-1]["reward"], 4) if curves else None,
-        "steps": trainer.state.global_step, "train_starters": len(train), "eval_starters": len(held_out),
+        "steps": state.global_step, "train_starters": len(train), "eval_starters": len(held_out),
         "eval_replies": sum(len(group) for group in after.texts), "train_seconds": round(train_seconds, 1),
     }
     metrics["reward_shift"] = round(metrics["reward_after"] - metrics["reward_before"], 4)
