@@ -32,6 +32,7 @@ def tiny_overrides(tiny_model_dir: Path) -> dict:
         "sft.persuasion.trainer.max_length": 4096,
         "sft.agent.trainer.max_length": 16384,
         "reward_model.defaults.base": "policy",
+        "reward_model.persuasion.base": "policy",  # the default trains the embedded model's backbone
         "reward_model.defaults.trainer.num_train_epochs": 1,
         "generate_preferences.max_new_tokens": 8,
         "generate_preferences.ai_pool_size": 24,
