@@ -19,10 +19,34 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+# Under pytest-xdist (`make test` runs one worker per core): each worker, and every stage it starts, takes its
+# share of the cores; torch's default of one thread per core in every worker would oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+# Files whose tests run the pipeline under dvc, longest first: collected first, so that under `--dist loadfile`
+# a worker starts on them at once instead of after the quick tests (it decides the suite's wall time).
+LONGEST_FIRST = ["test_pipeline.py", "test_kill.py", "test_remote.py", "test_benchmarks.py", "test_base_model.py",
+                 "test_experiments.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def built_pipeline(tmp_path_factory):
+    """The tiny-model pipeline built once per test run (tests.pipeline.BuiltPipeline), shared by the workers."""
+    from tests.pipeline import BuiltPipeline
+
+    base = tmp_path_factory.getbasetemp()
+    return BuiltPipeline.shared(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """A temp copy of the repository in which the real `dvc.yaml` runs with tiny-model overrides."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import REPO_ROOT, git, git_init, venv_env
+from tests.tiny import save_tiny_model
 
 
 # Untracked files here are stage outputs of a run in the checkout (possibly half-written): not copied.
@@ -136,3 +138,41 @@ def stages_run(result: subprocess.CompletedProcess) -> list[str]:
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+class BuiltPipeline:
+    """The whole pipeline built once with the tiny model, as a user would (sample the preference pools, label the
+    human and held-out pools, run the rest), kept untouched: tests work in copies of it.
+
+    Under pytest-xdist the first worker to ask builds it while a file lock holds the others back, so the workers
+    share one build; the record says what the build's `dvc repro` runs did."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.repo = PipelineRepo(root / "repo")
+        record = json.loads((root / "built.json").read_text())
+        self.upstream, self.first_run, self.preferences = record["upstream"], record["first_run"], record["preferences"]
+
+    @classmethod
+    def shared(cls, shared_dir: Path) -> "BuiltPipeline":
+        from filelock import FileLock
+
+        root = shared_dir / "built-pipeline"
+        with FileLock(str(shared_dir / "built-pipeline.lock")):
+            if not (root / "built.json").exists():
+                shutil.rmtree(root, ignore_errors=True)
+                tiny_model = save_tiny_model(root / "tiny")
+                repo = PipelineRepo.copy_of_project(root / "repo")
+                repo.set_params(tiny_overrides(tiny_model))
+                upstream = stages_run(repo.repro("generate_preferences"))
+                preferences = repo.label_pools()
+                first_run = stages_run(repo.repro())
+                record = {"upstream": upstream, "first_run": first_run, "preferences": preferences}
+                (root / "built.json.tmp").write_text(json.dumps(record))
+                (root / "built.json.tmp").rename(root / "built.json")
+        return cls(root)
+
+    def copy_to(self, dest: Path) -> PipelineRepo:
+        """A copy of the built repository (git, DVC cache and outputs) in which a test may change anything."""
+        shutil.copytree(self.repo.root, dest, symlinks=True)
+        return PipelineRepo(dest)

@@ -2,28 +2,26 @@
 
 import json
 import math
-import time
 
 import pytest
 
-from tests.pipeline import ALL_STAGES, PipelineRepo, error_lines, stages_run, tiny_overrides
+from tests.pipeline import ALL_STAGES, error_lines, stages_run, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_model_dir):
-    repo = PipelineRepo.copy_of_project(tmp_path_factory.mktemp("pipeline") / "repo")
-    repo.set_params(tiny_overrides(tiny_model_dir))
-    # As a user would: sample the preference pools, label the human and held-out pools, then run the rest.
-    repo.upstream = stages_run(repo.repro("generate_preferences"))
-    repo.preferences = repo.label_pools()
+def repo(built_pipeline, tmp_path_factory):
+    """A copy of the built pipeline (tests.pipeline.BuiltPipeline: the pools sampled, labelled as a person would,
+    then everything else run); the tests below change it."""
+    repo = built_pipeline.copy_to(tmp_path_factory.mktemp("pipeline") / "repo")
+    repo.preferences = built_pipeline.preferences
     return repo
 
 
-def test_full_pipeline_runs_then_is_up_to_date(repo):
-    first = repo.repro()
-    assert sorted(repo.upstream + stages_run(first)) == sorted(ALL_STAGES)
+def test_full_pipeline_runs_then_is_up_to_date(built_pipeline, repo):
+    # The build ran every stage once: the preference pools first, then the rest.
+    assert sorted(built_pipeline.upstream + built_pipeline.first_run) == sorted(ALL_STAGES)
 
     metrics = json.loads(repo.path("metrics/base_model.json").read_text())
     assert metrics["hidden_size"] == 32 and metrics["vocab_size"] == 384
@@ -137,55 +135,3 @@ def test_bad_params_stop_dvc_repro_with_one_line(repo, tiny_model_dir, overrides
     finally:
         repo.set_params({"base_model.sourse": ..., "base_model.trust_remote_code": False,
                          **tiny_overrides(tiny_model_dir)})
-
-
-def test_experiments_change_dpo_beta_then_compare_and_queue(repo):
-    from tests.conftest import git
-
-    repo.repro()
-    git(repo.root, "add", "-A")
-    git(repo.root, "commit", "-q", "-m", "baseline results")
-    beta = "dpo.defaults.trainer.beta"
-
-    samples = [f"plots/eval/{model}/persuasion.jsonl"
-               for model in ("dpo_rlhf", "dpo_rlaif", "dpo_rlaif_rlhf", "dpo_imported")]
-    before = [repo.path(path).read_text() for path in samples]
-    result = repo.dvc("exp", "run", "-n", "beta-02", "-S", f"{beta}=0.2")
-    # Only DPO and what reads its models run again; compare judges again only if a model's replies changed
-    # (a tiny model's greedy-ish samples may come out the same under a slightly different adapter).
-    replies_changed = [repo.path(path).read_text() for path in samples] != before
-    assert sorted(stages_run(result)) == sorted(["dpo@rlhf", "dpo@rlaif", "dpo@rlaif_rlhf", "dpo@imported",
-                                                 "evaluate@dpo_rlhf", "evaluate@dpo_rlaif", "evaluate@dpo_rlaif_rlhf",
-                                                 "evaluate@dpo_imported", "report"]
-                                                + ["compare"] * replies_changed)
-    diff = json.loads(repo.dvc("exp", "diff", "HEAD", "beta-02", "--json").stdout)
-    assert diff["params"]["params.yaml"][beta] == {"old": 0.1, "new": 0.2, "diff": 0.1}
-    changed = diff["metrics"]["metrics/dpo/rlaif.json"]
-    # With twice the beta, the implicit rewards (beta x log-ratio) of the same update differ.
-    assert changed["eval_reward_margin"]["old"] != changed["eval_reward_margin"]["new"]
-    assert "metrics/eval/dpo_rlaif.json" in diff["metrics"] and "metrics/sft/persona.json" not in diff["metrics"]
-
-    # Queued experiments of one target each, run two at a time.
-    for value in (0.3, 0.4):
-        repo.dvc("exp", "run", "--queue", "-n", f"beta-0{int(value * 10)}", "-S", f"{beta}={value}", "dpo@rlhf")
-    repo.dvc("queue", "start", "-j", "2")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = repo.dvc("queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    assert status.count("Success") == 2, status
-    shown = json.loads(repo.dvc("exp", "show", "--json").stdout)
-    experiments = {exp["name"]: exp for baseline in shown for exp in (baseline.get("experiments") or [])
-                   for exp in exp["revs"]}
-    assert {"beta-02", "beta-03", "beta-04"} <= set(experiments)
-    for name, value in (("beta-03", 0.3), ("beta-04", 0.4)):
-        data = experiments[name]["data"]
-        assert data["params"]["params.yaml"]["data"]["dpo"]["defaults"]["trainer"]["beta"] == value
-        assert "eval_reward_margin" in data["metrics"]["metrics/dpo/rlhf.json"]["data"]
-    # Each trained with its own beta: the loss -log sigmoid(beta x log-ratio margin) differs even where the
-    # margins, rounded to 4 decimals on a tiny model, may not.
-    results = [experiments[name]["data"]["metrics"]["metrics/dpo/rlhf.json"]["data"] for name in ("beta-03", "beta-04")]
-    keys = ("eval_loss", "eval_reward_margin", "train_loss")
-    assert [results[0][k] for k in keys] != [results[1][k] for k in keys], results
