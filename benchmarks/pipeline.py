@@ -2,8 +2,8 @@
 
 Runs in a copy of the project (its git-tracked files and untracked source files) with a fresh, empty
 DVC cache, so nothing is restored from an earlier run:
-  scratch  `dvc repro` of every stage on the default params              (target <= 30 min on 2 CPU cores)
-  no-op    `dvc repro` again right after                                 (target <= 3 s)
+  scratch  `dvc repro` of every stage on the default params              (target <= 20 min on 2 CPU cores)
+  no-op    `dvc repro` again right after                                 (target <= 2 s)
   change   `dvc repro` after setting dpo.defaults.trainer.beta           (only DPO and what reads it should run)
 
     python benchmarks/pipeline.py                       # the default: embedded model, shipped sample data
@@ -153,9 +153,9 @@ def main() -> None:
         if overrides:
             set_params(workdir / "params.yaml", overrides)
         print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, copy in {workdir}", flush=True)
-        show("scratch", *scratch(workdir, args.targets, args.label_pools), "<= 1800 s")
+        show("scratch", *scratch(workdir, args.targets, args.label_pools), "<= 1200 s")
         if not args.scratch_only:
-            show("no-op", *repro(workdir, args.targets), "<= 3 s")
+            show("no-op", *repro(workdir, args.targets), "<= 2 s")
             set_params(workdir / "params.yaml", {"dpo.defaults.trainer.beta": args.beta})
             show(f"dpo.defaults.trainer.beta={args.beta}", *repro(workdir, args.targets),
                  "DPO and its dependants only")
