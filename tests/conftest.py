@@ -22,7 +22,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 # Under pytest-xdist (`make test` runs one worker per core): each worker, and every stage it starts, takes its
 # share of the cores; torch's default of one thread per core in every worker would oversubscribe them.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 # Files whose tests run the pipeline under dvc, longest first: collected first, so that under `--dist loadfile`
 # a worker starts on them at once instead of after the quick tests (it decides the suite's wall time).

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from tests.conftest import git
 from tests.pipeline import stages_run
 
 pytestmark = pytest.mark.slow
@@ -17,8 +18,6 @@ def repo(built_pipeline, tmp_path):
 
 
 def test_experiments_change_dpo_beta_then_compare_and_queue(repo):
-    from tests.conftest import git
-
     repo.repro()
     git(repo.root, "add", "-A")
     git(repo.root, "commit", "-q", "-m", "baseline results")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tests.pipeline import ALL_STAGES, error_lines, stages_run, tiny_overrides
+from tests.pipeline import ALL_STAGES, error_lines, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +124,8 @@ def test_changed_dataset_param_reruns_it_and_its_dependants(repo):
     ({"base_model.source": ...}, "error: base_model.source: missing required key"),
     ({"base_model.source": "./models/does-not-exist"}, "error: base_model.source: path './models/does-not-exist' does not exist"),
 ])
-def test_bad_params_stop_dvc_repro_with_one_line(repo, tiny_model_dir, overrides, expected):
+def test_bad_params_stop_dvc_repro_with_one_line(repo, overrides, expected):
+    params = repo.path("params.yaml").read_text()
     repo.set_params(overrides)
     try:
         result = repo.repro(check=False)
@@ -133,5 +134,4 @@ def test_bad_params_stop_dvc_repro_with_one_line(repo, tiny_model_dir, overrides
         assert "Traceback" not in result.stderr
         assert not list(repo.path("models").glob(".base.*"))
     finally:
-        repo.set_params({"base_model.sourse": ..., "base_model.trust_remote_code": False,
-                         **tiny_overrides(tiny_model_dir)})
+        repo.path("params.yaml").write_text(params)  # the build's params: its tiny model, not this worker's
