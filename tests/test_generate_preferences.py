@@ -4,8 +4,9 @@ import pytest
 
 from stages import generate_preferences
 from stages.lib import StageError
-from stages.lib.generation import (generate_batches, prompt_cache, reply_logprobs, sample_pairs, sample_replies,
-                                   token_batches)
+from stages.lib.generation import (CandidateSampler, candidate_sampling, decode_attention, generate_batches,
+                                   grouped_decode_attention, prompt_cache, reply_logprobs, sample_pairs,
+                                   sample_replies, token_batches)
 from stages.lib.policy import load_policy
 from tests.chats import write_jsonl
 from tests.conftest import params_file
@@ -117,6 +118,74 @@ def test_shared_prompt_cache_gives_what_plain_generation_gives(tiny_model_dir):
             output = model.generate(**inputs, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)
         expected = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         assert pair == (expected, expected)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.9, 50, 0.95), (1.3, 8, 0.5), (0.7, 50, 1.0), (1.0, 1, 0.9)])
+def test_candidate_sampler_draws_from_the_distribution_of_generates_own_warpers(temperature, top_k, top_p):
+    import torch
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 300) * 3
+    warped = TemperatureLogitsWarper(temperature)(None, scores.clone())
+    warped = TopKLogitsWarper(top_k)(None, warped)
+    if top_p < 1:
+        warped = TopPLogitsWarper(top_p)(None, warped)
+    expected = torch.softmax(warped, -1)
+    sampler = CandidateSampler(temperature, top_k, top_p)
+    indices, probs = sampler.candidates(scores)
+    got = torch.zeros_like(expected).scatter_(-1, indices, probs)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # Each call leaves exactly one finite score per row, on a token the distribution allows.
+    out = sampler(None, scores)
+    chosen = out.argmax(-1)
+    assert (torch.isfinite(out).sum(-1) == 1).all() and (expected.gather(-1, chosen[:, None]) > 0).all()
+    # Drawn often enough, the tokens follow the distribution.
+    counts = torch.zeros(300)
+    for _ in range(4000):
+        counts[sampler(None, scores[1:2]).argmax(-1)] += 1
+    assert (counts / 4000 - expected[1]).abs().max() < 0.03
+
+
+def test_candidate_sampling_takes_generates_defaults_and_leaves_greedy_and_full_vocabulary_alone(tiny_model_dir):
+    model, _ = load_policy(tiny_model_dir)
+    kwargs = candidate_sampling(model, {"do_sample": True, "temperature": 0.5, "top_p": 0.9, "max_new_tokens": 3})
+    sampler = kwargs["logits_processor"][0]
+    assert (kwargs["do_sample"], kwargs["max_new_tokens"]) == (False, 3)
+    assert (sampler.temperature, sampler.top_k, sampler.top_p) == (0.5, 50, 0.9)  # top_k: generate's default
+    greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    assert candidate_sampling(model, greedy) is greedy
+    full = {"do_sample": True, "temperature": 1.0, "top_k": 0}
+    assert candidate_sampling(model, full) is full
+    with pytest.raises(ValueError, match="temperature"):
+        CandidateSampler(0.0, 50, 1.0)
+
+
+def test_grouped_decode_attention_equals_sdpa_at_one_query_token():
+    import torch
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    query, key, value = torch.randn(4, 6, 1, 8), torch.randn(4, 2, 10, 8), torch.randn(4, 2, 10, 8)
+    mask = torch.ones(4, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :4] = False  # left padding
+    mask[2, ..., 7:] = False  # unwritten slots of a static cache
+    for attention_mask in (mask, None):
+        got, _ = grouped_decode_attention(module, query, key, value, attention_mask, scaling=0.3)
+        expected, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=0.3)
+        assert got.shape == (4, 1, 6, 8)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_applies_while_generating_only(tiny_model_dir):
+    model, _ = load_policy(tiny_model_dir)
+    assert model.config._attn_implementation == "sdpa"
+    with decode_attention(model):
+        assert model.config._attn_implementation != "sdpa"
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_batches_hold_similar_lengths_within_the_prompt_and_token_budgets():
