@@ -7,7 +7,8 @@ In:  --model   any policy the pipeline wrote: models/base, an SFT / DPO / RL ada
        agent       assistant-token loss on the agent test split; tool-call validity at its tool-calling turns
                    (the call parses, names a tool of the record's schemas, its arguments fit that tool's schema)
        persona     share of greedy outputs on the persona val split that are JSON with exactly N types, each
-                   text holding every REQUIRED_HEADER of its prompt
+                   text holding every REQUIRED_HEADER of its prompt; an output caught in a loop is cut there
+                   (and counted as `repeating`, never as finished)
        style       replies to the RL stage's held-out starters (`rl` params: same split, seed, temperature,
                    length), kept for the compare stage's style judges, and KL to --reference (the RL start policy)
        perplexity  assistant-token perplexity on the persuasion test split
@@ -31,7 +32,7 @@ from typing import Sequence
 
 from stages.lib import StageError, run_stage
 from stages.lib.chat import resolve_chat_template
-from stages.lib.generation import generate_batches, keeps_logits, reply_logprobs, sample_replies
+from stages.lib.generation import RepeatStop, generate_batches, keeps_logits, reply_logprobs, sample_replies
 from stages.lib.io import atomic_dir, iter_jsonl, read_json, require_path, write_jsonl, write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.params import DEFAULT_PARAMS, build, load_params, parse_section
@@ -135,29 +136,41 @@ def first(items: list, limit: int | None) -> list:
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, params: EvaluateParams,
-             temperature: float = 0.0, top_p: float = 1.0, ended: list | None = None) -> list[str]:
+             temperature: float = 0.0, top_p: float = 1.0, ended: list | None = None,
+             repeating: list | None = None) -> list[str]:
     """One reply per rendered prompt (greedy at temperature 0), in batches of similar length and bounded size.
 
     `ended`, when given, is filled with whether each reply stopped by itself (an end-of-sequence token) rather
-    than at max_new_tokens.
+    than at max_new_tokens. Greedy replies caught in a loop (`RepeatStop`: the last 256 tokens one block of at most
+    64, repeated) are cut there instead of copying the block to max_new_tokens; `repeating`, when given, is filled
+    with whether each reply was.
     """
     import torch
+    from transformers import StoppingCriteriaList
 
     replies = [""] * len(prompts)
-    if ended is not None:
-        ended[:] = [False] * len(prompts)
+    for flags in (ended, repeating):
+        if flags is not None:
+            flags[:] = [False] * len(prompts)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos]) | {tokenizer.eos_token_id}
     torch.manual_seed(params.seed)
+    stop = RepeatStop(eos)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+        "stopping_criteria": StoppingCriteriaList([stop])}
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     for indices, new in generate_batches(model, tokenizer, encoded, 1, max_new_tokens, params.batch_size,
                                          params.max_batch_tokens, **sampling):
-        for i, row, text in zip(indices, new.tolist(), tokenizer.batch_decode(new, skip_special_tokens=True)):
+        cut = stop.stopped.tolist() if stop.stopped is not None else [False] * len(indices)
+        stop.reset()
+        for i, row, text, looped in zip(indices, new.tolist(), tokenizer.batch_decode(new, skip_special_tokens=True),
+                                        cut):
             replies[i] = text.strip()
-            if ended is not None:
-                ended[i] = any(token in eos for token in row)
+            if ended is not None:  # a cut row is padded with the pad token, which may be the EOS
+                ended[i] = not looped and any(token in eos for token in row)
+            if repeating is not None:
+                repeating[i] = looped
     return replies
 
 
@@ -315,16 +328,17 @@ def eval_persona(model, tokenizer, params: EvaluateParams, val_path: Path, sampl
         records.append(record)
         expected.append((record["n_players"], HEADER.findall(line)))
         prompts.append(render(tokenizer, [m for m in record["messages"] if m["role"] != "assistant"]))
-    ended = []
-    replies = generate(model, tokenizer, prompts, max_new_tokens, params, ended=ended)
+    ended, repeating = [], []
+    replies = generate(model, tokenizer, prompts, max_new_tokens, params, ended=ended, repeating=repeating)
     checks = [check_persona(reply, n, headers) for reply, (n, headers) in zip(replies, expected)]
-    for record, reply, check, done in zip(records, replies, checks, ended):
+    for record, reply, check, done, looped in zip(records, replies, checks, ended, repeating):
         samples.append({"task": "persona", "game_id": record.get("game_id"), "reply": reply, "finished": done,
-                        **check})
+                        "repeating": looped, **check})
     return {**{key: round(sum(c[key] for c in checks) / len(checks), 4)
                for key in ("valid", "valid_json", "right_count", "all_headers")}, "examples": len(checks),
             "max_new_tokens": max_new_tokens,
-            "finished": round(sum(ended) / len(ended), 4)}
+            "finished": round(sum(ended) / len(ended), 4),
+            "repeating": round(sum(repeating) / len(repeating), 4)}  # cut in a greedy loop (see `generate`)
 
 
 def eval_style(model, tokenizer, model_dir: Path, reference: Path, params_path: Path, starters_path: Path,

@@ -127,16 +127,58 @@ def test_persona_validity_counts_types_and_headers(workdir, tiny_model_dir, inpu
     good = json.dumps({"types": [{"id": f"type_{i}", "text": "<CONTRIBUTION> gives\n<PUNISHMENT> never"}
                                  for i in range(2)]})
 
-    def fake_generate(model, tokenizer, prompts, *args, ended, **kwargs):
-        ended[:] = [True, False]
+    def fake_generate(model, tokenizer, prompts, *args, ended, repeating, **kwargs):
+        ended[:], repeating[:] = [True, False], [False, True]
         return [good, "```json\n" + good]
 
     monkeypatch.setattr(evaluate, "generate", fake_generate)
     block = run(workdir, tiny_model_dir, "persona", inputs)["persona"]
     # Both parse (fences stripped); the second game has N = 3 but got 2 types.
     assert block == {"valid": 0.5, "valid_json": 1.0, "right_count": 0.5, "all_headers": 1.0, "examples": 2,
-                     "max_new_tokens": 8, "finished": 0.5}
-    assert [row["finished"] for row in samples_of(workdir, "persona")] == [True, False]
+                     "max_new_tokens": 8, "finished": 0.5, "repeating": 0.5}
+    assert [(row["finished"], row["repeating"]) for row in samples_of(workdir, "persona")] == [(True, False),
+                                                                                             (False, True)]
+
+
+def test_repeat_stop_cuts_a_loop_but_not_a_varied_or_ended_row():
+    from stages.lib.generation import RepeatStop
+
+    stop = RepeatStop(eos_token_ids=[2], window=12, max_period=4)
+    prompt = [7, 8, 9, 10, 11]
+    rows = [prompt + [5, 6, 7] * 6,  # a 3-token loop
+            prompt + list(range(20, 38)),  # no repetition
+            prompt + [3, 4] * 3 + [2] * 12]  # ended: EOS padding repeats, but the row is done
+    for step in range(1, 19):
+        flags = stop(torch.tensor([row[:len(prompt) + step] for row in rows]), None)
+        # The loop is cut once 12 generated tokens show it (4 copies of the 3-token block), not before.
+        assert flags.tolist() == [step >= 12, False, False]
+    assert stop.stopped.tolist() == [True, False, False]
+    stop.reset()
+    assert stop.stopped is None
+
+
+def test_greedy_loops_are_cut_where_they_start_repeating(workdir, tiny_model_dir):
+    from stages.lib.generation import RepeatStop
+
+    model, tokenizer = load_policy(tiny_model_dir)
+    params = evaluate.parse_section(evaluate.load_params(params_file(workdir / "params.yaml", {"evaluate": FAST})),
+                                    "evaluate", evaluate.EvaluateParams)
+    prompts = [evaluate.render(tokenizer, [{"role": "user", "content": f"Say something, {i}"}]) for i in range(3)]
+    ended, repeating = [], []
+    cut = evaluate.generate(model, tokenizer, prompts, 600, params, ended=ended, repeating=repeating)
+    stop = RepeatStop([tokenizer.eos_token_id])
+    with torch.no_grad():
+        for prompt, reply, looped, done in zip(prompts, cut, repeating, ended):
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            full = model.generate(**ids, do_sample=False, max_new_tokens=600, pad_token_id=tokenizer.pad_token_id)
+            new = full[0, ids["input_ids"].shape[1]:]
+            whole = tokenizer.decode(new, skip_special_tokens=True).strip()
+            # The cut reply is the start of the uncut one; a cut one went on to the budget without ending.
+            assert whole.startswith(reply) and not (looped and done)
+            if looped:
+                assert len(new) == 600 and len(whole) > len(reply)
+                assert tokenizer.eos_token_id not in new.tolist()
+    assert any(repeating), "the tiny model loops under greedy decoding: this test needs a loop to cut"
 
 
 def test_persona_budget_comes_from_the_token_analysis(workdir, tiny_model_dir, inputs):

@@ -162,6 +162,39 @@ def candidate_sampling(model, sampling: dict) -> dict:
             "logits_processor": LogitsProcessorList([CandidateSampler(temperature, top_k, top_p)])}
 
 
+class RepeatStop:
+    """A stopping criterion that ends a row once its last `window` tokens repeat one block of at most `max_period`
+    tokens (at least window / max_period times over): a greedy decoder caught in such a loop does not leave it, so
+    the rest of its token budget is spent on copies. Rows that have ended (an EOS in the window) are left alone.
+
+    Use one per `generate` call: `stopped` holds, per row, whether this criterion ended it; `reset` before reuse.
+    """
+
+    def __init__(self, eos_token_ids, window: int = 256, max_period: int = 64):
+        if not 0 < max_period < window:
+            raise ValueError(f"RepeatStop needs 0 < max_period < window, got {max_period}, {window}")
+        self.eos, self.window, self.max_period = sorted(set(eos_token_ids)), window, max_period
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.stopped = 0, None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.steps += 1
+        if self.stopped is None:
+            self.stopped = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        if self.steps >= self.window:
+            tail = input_ids[:, -self.window:]
+            repeating = torch.zeros_like(self.stopped)
+            for period in range(1, self.max_period + 1):
+                repeating |= (tail[:, period:] == tail[:, :-period]).all(1)
+            ended = torch.isin(tail, torch.tensor(self.eos, device=tail.device)).any(1)
+            self.stopped |= repeating & ~ended
+        return self.stopped.clone()
+
+
 def token_batches(lengths: list[int], batch_size: int, repeats: int = 1, max_new_tokens: int = 0,
                   max_batch_tokens: int | None = None) -> list[list[int]]:
     """Indices of `lengths` in batches of similar length: at most `batch_size` prompts, and (when given) at most
