@@ -15,7 +15,7 @@ from tests.tiny import build_tokenizer
 
 BENCHMARKS = REPO_ROOT / "benchmarks"
 # Every script in benchmarks/ and the test below that runs it: a new script without a test fails here.
-TESTED = {"data_scale.py", "generation.py", "matmul.py", "pipeline.py", "sft_throughput.py", "token_analysis.py",
+TESTED = {"attention.py", "data_scale.py", "generation.py", "matmul.py", "pipeline.py", "sft_throughput.py", "token_analysis.py",
           "gpu.sh"}
 
 DATA_SCALE_ROWS = ["persona_dataset", "cmv_preprocess", "p4g_preprocess", "sft_dataset", "tau2_make",
@@ -55,6 +55,13 @@ def test_data_scale_runs_every_data_stage_on_the_sample_sized_corpora(tmp_path):
     rows = [line.split() for line in lines if line.startswith("data_scale ")]
     assert [row[1] for row in rows] == DATA_SCALE_ROWS
     assert all(row[2] == "1x" and " s " in " ".join(row) and "MB" in row for row in rows)
+
+
+def test_attention_prints_its_share_and_the_ceiling_it_leaves(tiny_model_dir):
+    line = result_line(run_benchmark("attention.py", "--model", tiny_model_dir, "--length", 32, "--repeats", 1),
+                       "attention")
+    assert re.match(rf"attention: at 32 tokens, attention takes \d+% of a step whose matmuls run at peak: ceiling "
+                    rf"{NUMBER} tok/s = {NUMBER}% of bound \| attention {NUMBER} ms \(2 layers x ", line), line
 
 
 def test_matmul_prints_the_measured_flops():
