@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from matmul import bound_device, bound_dtype, device_name, matmul_flops  # noqa: E402  (benchmarks/matmul.py)
+from matmul import (bound_device, bound_dtype, device_name, matmul_flops,  # noqa: E402  (benchmarks/matmul.py)
+                    model_parameters)
 
 
 def attention_seconds(config, length: int, dtype: str, device: str, repeats: int) -> float:
@@ -60,12 +61,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the best counts)")
     args = parser.parse_args()
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(args.model)
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    parameters = model_parameters(args.model)
     device = bound_device()
     dtype = bound_dtype(device)
     flops = matmul_flops(dtype=dtype, device=device)

@@ -67,6 +67,15 @@ def matmul_flops(size: int = 1024, repeats: int = 20, dtype: str | None = None, 
     return 2 * size**3 * repeats / best
 
 
+def model_parameters(model) -> int:
+    """Parameters of the causal LM in directory `model`, counted on the meta device (nothing is loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters())
+
+
 def device_name(device: str) -> str:
     import torch
 

@@ -38,7 +38,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from matmul import bound_device, bound_dtype, device_name, matmul_flops  # noqa: E402  (benchmarks/matmul.py)
+from matmul import (bound_device, bound_dtype, device_name, matmul_flops,  # noqa: E402  (benchmarks/matmul.py)
+                    model_parameters)
 
 DATA = {"persona": "data/persona/train.jsonl", "persuasion": "data/persuasion/sft/train.jsonl",
         "agent": "data/agent/openai/train.jsonl"}
@@ -100,14 +101,6 @@ def run_stage(which: str, params: dict, args, data: Path, work: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {**metrics, "batch": trainer_setting(params, args.workflow, "per_device_train_batch_size"),
             "checkpointing": trainer_setting(params, args.workflow, "gradient_checkpointing")}
-
-
-def model_parameters(model: Path) -> int:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters())
 
 
 def report(results: dict, flops: float, dtype: str, parameters: int, args, examples: int) -> str:

@@ -11,8 +11,8 @@ can be read under any model.
 
 While generating, attention runs as `decode_attention` sets it up: the one new token of each decoding
 step attends through two grouped matmuls instead of torch's CPU flash kernel, which is built for long
-queries (about 5x slower at one query token, a third of a decoding step on a 2-core CPU);
-prompt passes and training keep SDPA.
+queries (it took 28% of the decoding time of 32 rows on a 2-core CPU; decoding went from 9.5-9.7 s to
+6.5-7.5 s); prompt passes and training keep SDPA.
 """
 
 import copy
