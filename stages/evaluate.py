@@ -7,8 +7,9 @@ In:  --model   any policy the pipeline wrote: models/base, an SFT / DPO / RL ada
        agent       assistant-token loss on the agent test split; tool-call validity at its tool-calling turns
                    (the call parses, names a tool of the record's schemas, its arguments fit that tool's schema)
        persona     share of greedy outputs on the persona val split that are JSON with exactly N types, each
-                   text holding every REQUIRED_HEADER of its prompt; an output caught in a loop is cut there
-                   (and counted as `repeating`, never as finished)
+                   text holding every REQUIRED_HEADER of its prompt, under generate's repetition penalty
+                   (evaluate.persona.repetition_penalty); an output caught in a loop is cut there (and counted
+                   as `repeating`, never as finished)
        style       replies to the RL stage's held-out starters (`rl` params: same split, seed, temperature,
                    length), kept for the compare stage's style judges, and KL to --reference (the RL start policy)
        perplexity  assistant-token perplexity on the persuasion test split
@@ -77,9 +78,12 @@ class AgentEval:
 class PersonaEval:
     max_examples: int | None
     max_new_tokens: int | None  # null: the longest persona answer of the token analysis (--persona-lengths)
+    repetition_penalty: float = 1.0  # generate's (CTRL's): logits of tokens already in prompt or answer, / or x it
 
     def __post_init__(self):
         _at_least(self, ["max_examples", "max_new_tokens"])
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 leaves the logits alone), got {self.repetition_penalty}")
 
 
 @dataclass
@@ -137,13 +141,13 @@ def first(items: list, limit: int | None) -> list:
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, params: EvaluateParams,
              temperature: float = 0.0, top_p: float = 1.0, ended: list | None = None,
-             repeating: list | None = None) -> list[str]:
+             repeating: list | None = None, repetition_penalty: float = 1.0) -> list[str]:
     """One reply per rendered prompt (greedy at temperature 0), in batches of similar length and bounded size.
 
     `ended`, when given, is filled with whether each reply stopped by itself (an end-of-sequence token) rather
     than at max_new_tokens. Greedy replies caught in a loop (`RepeatStop`: the last 256 tokens one block of at most
     64, repeated) are cut there instead of copying the block to max_new_tokens; `repeating`, when given, is filled
-    with whether each reply was.
+    with whether each reply was. `repetition_penalty` goes to generate as it is (1: none).
     """
     import torch
     from transformers import StoppingCriteriaList
@@ -159,6 +163,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, params: 
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
         "stopping_criteria": StoppingCriteriaList([stop])}
+    if repetition_penalty != 1:
+        sampling["repetition_penalty"] = float(repetition_penalty)
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     for indices, new in generate_batches(model, tokenizer, encoded, 1, max_new_tokens, params.batch_size,
                                          params.max_batch_tokens, **sampling):
@@ -329,14 +335,15 @@ def eval_persona(model, tokenizer, params: EvaluateParams, val_path: Path, sampl
         expected.append((record["n_players"], HEADER.findall(line)))
         prompts.append(render(tokenizer, [m for m in record["messages"] if m["role"] != "assistant"]))
     ended, repeating = [], []
-    replies = generate(model, tokenizer, prompts, max_new_tokens, params, ended=ended, repeating=repeating)
+    replies = generate(model, tokenizer, prompts, max_new_tokens, params, ended=ended, repeating=repeating,
+                       repetition_penalty=params.persona.repetition_penalty)
     checks = [check_persona(reply, n, headers) for reply, (n, headers) in zip(replies, expected)]
     for record, reply, check, done, looped in zip(records, replies, checks, ended, repeating):
         samples.append({"task": "persona", "game_id": record.get("game_id"), "reply": reply, "finished": done,
                         "repeating": looped, **check})
     return {**{key: round(sum(c[key] for c in checks) / len(checks), 4)
                for key in ("valid", "valid_json", "right_count", "all_headers")}, "examples": len(checks),
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": max_new_tokens, "repetition_penalty": params.persona.repetition_penalty,
             "finished": round(sum(ended) / len(ended), 4),
             "repeating": round(sum(repeating) / len(repeating), 4)}  # cut in a greedy loop (see `generate`)
 

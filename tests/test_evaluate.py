@@ -127,15 +127,20 @@ def test_persona_validity_counts_types_and_headers(workdir, tiny_model_dir, inpu
     good = json.dumps({"types": [{"id": f"type_{i}", "text": "<CONTRIBUTION> gives\n<PUNISHMENT> never"}
                                  for i in range(2)]})
 
-    def fake_generate(model, tokenizer, prompts, *args, ended, repeating, **kwargs):
+    penalties = []
+
+    def fake_generate(model, tokenizer, prompts, *args, ended, repeating, repetition_penalty, **kwargs):
         ended[:], repeating[:] = [True, False], [False, True]
+        penalties.append(repetition_penalty)
         return [good, "```json\n" + good]
 
     monkeypatch.setattr(evaluate, "generate", fake_generate)
-    block = run(workdir, tiny_model_dir, "persona", inputs)["persona"]
+    block = run(workdir, tiny_model_dir, "persona", inputs,
+                persona={"max_new_tokens": 8, "repetition_penalty": 1.25})["persona"]
     # Both parse (fences stripped); the second game has N = 3 but got 2 types.
     assert block == {"valid": 0.5, "valid_json": 1.0, "right_count": 0.5, "all_headers": 1.0, "examples": 2,
-                     "max_new_tokens": 8, "finished": 0.5, "repeating": 0.5}
+                     "max_new_tokens": 8, "repetition_penalty": 1.25, "finished": 0.5, "repeating": 0.5}
+    assert penalties == [1.25]
     assert [(row["finished"], row["repeating"]) for row in samples_of(workdir, "persona")] == [(True, False),
                                                                                              (False, True)]
 
@@ -179,6 +184,23 @@ def test_greedy_loops_are_cut_where_they_start_repeating(workdir, tiny_model_dir
                 assert len(new) == 600 and len(whole) > len(reply)
                 assert tokenizer.eos_token_id not in new.tolist()
     assert any(repeating), "the tiny model loops under greedy decoding: this test needs a loop to cut"
+
+
+def test_repetition_penalty_is_generates_own(workdir, tiny_model_dir):
+    """The persona penalty reaches generate as it is: the replies are plain generate's with the same penalty."""
+    model, tokenizer = load_policy(tiny_model_dir)
+    params = evaluate.parse_section(evaluate.load_params(params_file(workdir / "params.yaml", {"evaluate": FAST})),
+                                    "evaluate", evaluate.EvaluateParams)
+    prompts = [evaluate.render(tokenizer, [{"role": "user", "content": f"Say something, {i}"}]) for i in range(3)]
+    plain = evaluate.generate(model, tokenizer, prompts, 40, params)
+    penalised = evaluate.generate(model, tokenizer, prompts, 40, params, repetition_penalty=1.5)
+    assert penalised != plain
+    with torch.no_grad():
+        for prompt, reply in zip(prompts, penalised):
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            full = model.generate(**ids, do_sample=False, max_new_tokens=40, repetition_penalty=1.5,
+                                  pad_token_id=tokenizer.pad_token_id)
+            assert reply == tokenizer.decode(full[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def test_persona_budget_comes_from_the_token_analysis(workdir, tiny_model_dir, inputs):
@@ -253,6 +275,8 @@ def test_check_tool_calls(text, expected):
     ({"model": "nowhere"}, r"^--model: model directory 'nowhere' does not exist$"),
     ({"pool": "missing.jsonl"}, r"^missing\.jsonl: --pool not found$"),
     ({"section": {"agent": {"max_tool_prompts": 0}}}, r"^evaluate\.agent\.max_tool_prompts: must be at least 1"),
+    ({"section": {"persona": {"max_new_tokens": 8, "repetition_penalty": 0}}},
+     r"^evaluate\.persona\.repetition_penalty: must be > 0 \(1 leaves the logits alone\), got 0\.0$"),
 ])
 def test_bad_input_is_one_line(workdir, tiny_model_dir, inputs, change, message):
     args = {**inputs, "pool": change.get("pool", inputs["pool"])}
