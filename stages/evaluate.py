@@ -78,7 +78,7 @@ class AgentEval:
 class PersonaEval:
     max_examples: int | None
     max_new_tokens: int | None  # null: the longest persona answer of the token analysis (--persona-lengths)
-    repetition_penalty: float = 1.0  # generate's (CTRL's): logits of tokens already in prompt or answer, / or x it
+    repetition_penalty: float  # generate's (CTRL's): logits of tokens already in prompt or answer, / or x it
 
     def __post_init__(self):
         _at_least(self, ["max_examples", "max_new_tokens"])

