@@ -3,11 +3,14 @@
 One run, same model, prompts and sampling settings (temperature and top_p from the
 `generate_preferences` params, as are the defaults of --batch-size and --max-new-tokens):
   batched  stages.lib.generation.sample_pairs: length-sorted batches, each prompt encoded once
-           without padding into a preallocated KV cache that both of its responses decode from
+           without padding into a preallocated KV cache that both of its responses decode from, after
+           the keys and values of the longest beginning it shares with an earlier prompt
   loop     one prompt, one response per generate call, twice per prompt
   prompt   the batched run's prompt pass alone (stages.lib.generation.prompt_cache, timed inside
-           that run): prompt tokens encoded per second, against the forward bound, measured matmul
-           FLOP/s / (2 x parameters): a forward pass costs half the 4 x parameters a token of
+           that run): prompt tokens run through the model per second (a prompt that begins like an
+           earlier one, the next turn of a conversation, runs only what follows the shared beginning),
+           against the forward bound, measured matmul FLOP/s / (2 x parameters): a forward pass costs
+           half the 4 x parameters a token of
            sft_throughput.py's training bound; the matmuls on the model's device, in bf16 where it has
            it (CUDA with bf16, a CPU with AVX-512 BF16 or AMX), fp32 otherwise (benchmarks/matmul.py)
 
@@ -53,17 +56,24 @@ def loop_pairs(model, tokenizer, prompts, max_new_tokens, temperature, top_p):
 
 
 class PromptPassTimer:
-    """Wraps `stages.lib.generation.prompt_cache` while active: seconds spent in it and prompt tokens it encoded."""
+    """Wraps `stages.lib.generation.prompt_cache` while active: seconds spent in it, prompt tokens it encoded and
+    prompt tokens it took from an earlier prompt that began the same way."""
 
     def __init__(self):
-        self.seconds, self.tokens, self.original = 0.0, 0, generation.prompt_cache
+        self.seconds, self.tokens, self.reused, self.original = 0.0, 0, 0, generation.prompt_cache
 
-    def timed(self, model, prompts, repeats, capacity):
+    def timed(self, model, prompts, repeats, capacity, prefixes=None):
+        before = (prefixes.encoded, prefixes.reused) if prefixes is not None else None
         start = time.perf_counter()
-        cache = self.original(model, prompts, repeats, capacity)
+        cache = self.original(model, prompts, repeats, capacity, prefixes)
         self.seconds += time.perf_counter() - start
-        if cache is not None:  # None: nothing was encoded (sliding-window models encode the padded batch)
+        if cache is None:  # nothing was encoded (sliding-window models encode the padded batch)
+            return cache
+        if before is None:
             self.tokens += sum(len(ids) - 1 for ids in prompts)
+        else:
+            self.tokens += prefixes.encoded - before[0]
+            self.reused += prefixes.reused - before[1]
         return cache
 
     def __enter__(self):
@@ -119,7 +129,8 @@ def main() -> None:
     print(f"generation: {batched / loop:.1f}x one-prompt-one-response loop (target >= 8), prompt pass "
           f"{encoded / bound:.1%} of bound | batched {batched:.0f} generated tok/s ({batched_tokens} tokens, batch "
           f"{args.batch_size} prompts x 2), loop {loop:.0f} tok/s ({loop_tokens} tokens), prompt pass {encoded:.0f} "
-          f"tok/s ({prompt_pass.tokens} tokens in {prompt_pass.seconds:.2f} of {batched_s:.2f} s, "
+          f"tok/s ({prompt_pass.tokens} tokens in {prompt_pass.seconds:.2f} of {batched_s:.2f} s, {prompt_pass.reused} "
+          f"more reused from earlier prompts, "
           f"{next(model.parameters()).dtype}), bound {bound:.0f} tok/s ({flops / 1e9:.0f} GFLOP/s {dtype} matmul / "
           f"(2 x {parameters / 1e6:.2f}M params)) | {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, "
           f"model {args.model} | {device_name(device)}")

@@ -4,8 +4,8 @@ import pytest
 
 from stages import generate_preferences
 from stages.lib import StageError
-from stages.lib.generation import (CandidateSampler, candidate_sampling, decode_attention, generate_batches,
-                                   grouped_decode_attention, prompt_cache, reply_logprobs, sample_pairs,
+from stages.lib.generation import (CandidateSampler, PromptPrefixes, candidate_sampling, decode_attention,
+                                   generate_batches, grouped_decode_attention, prompt_cache, reply_logprobs, sample_pairs,
                                    sample_replies, token_batches)
 from stages.lib.policy import load_policy
 from tests.chats import write_jsonl
@@ -118,6 +118,73 @@ def test_shared_prompt_cache_gives_what_plain_generation_gives(tiny_model_dir):
             output = model.generate(**inputs, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)
         expected = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         assert pair == (expected, expected)
+
+
+def conversation_turns(tokenizer) -> list[list[int]]:
+    """Three prompts of one conversation (each the one before, its reply and a new question) and one of another."""
+    turns, messages = [], [{"role": "system", "content": "Change their mind."}]
+    for turn in range(3):
+        messages = messages + [{"role": "user", "content": f"Turn {turn}: why should tipping go? " * 3}]
+        turns.append(messages)
+        messages = messages + [{"role": "assistant", "content": f"Reply {turn}: consider the workers. " * 2}]
+    turns.append([{"role": "user", "content": "Another thread altogether, about cities and cars."}])
+    return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
+
+
+def test_a_later_turn_is_encoded_after_the_keys_of_the_turn_before(tiny_model_dir):
+    import torch
+
+    model, tokenizer = load_policy(tiny_model_dir)
+    encoded = conversation_turns(tokenizer)
+    prefixes = PromptPrefixes(min_shared=4)
+    with torch.no_grad():
+        kept = [prefixes.encode(model, ids) for ids in encoded]
+        alone = [model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values.layers for ids in encoded]
+    # Turn 2 begins with all of turn 1, turn 1 with all of turn 0; the other thread shares only the template's opening.
+    assert prefixes.reused == len(encoded[0]) + len(encoded[1])
+    assert prefixes.encoded == sum(len(ids) for ids in encoded) - prefixes.reused
+    for mine, reference in zip(kept, alone):
+        for (keys, values), layer in zip(mine, reference):
+            torch.testing.assert_close(keys, layer.keys, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(values, layer.values, atol=1e-5, rtol=1e-4)
+    # Each turn extended the one before whole, so only the last turn and the other thread stay kept.
+    assert [len(ids) for ids, _ in prefixes.kept] == [len(encoded[2]), len(encoded[3])]
+    # A prompt that is the beginning of a kept one runs nothing through the model.
+    before = prefixes.encoded
+    with torch.no_grad():
+        again = prefixes.encode(model, encoded[1])
+    assert prefixes.encoded == before and again[0][0].shape[-2] == len(encoded[1])
+
+
+def test_kept_prompts_stay_within_their_memory(tiny_model_dir):
+    import torch
+
+    model, tokenizer = load_policy(tiny_model_dir)
+    encoded = conversation_turns(tokenizer)
+    with torch.no_grad():
+        one = sum(k.nbytes + v.nbytes for k, v in PromptPrefixes().encode(model, encoded[3]))
+        prefixes = PromptPrefixes(max_bytes=one * 2)
+        for ids in (encoded[3], encoded[0], [5] * 40, [6] * 40):
+            prefixes.encode(model, ids)
+    assert prefixes.nbytes() <= one * 2 < sum(len(ids) for ids, _ in prefixes.kept) * one
+    assert prefixes.kept[-1][0].tolist() == [6] * 40  # the least recently used went first
+
+
+def test_sampling_reuses_the_turns_of_a_conversation_and_gives_what_plain_generation_gives(tiny_model_dir):
+    import torch
+
+    model, tokenizer = load_policy(tiny_model_dir)
+    encoded = conversation_turns(tokenizer)
+    prefixes = PromptPrefixes(min_shared=4)
+    with torch.no_grad():
+        got = {i: new for batch, news in generate_batches(model, tokenizer, encoded, 2, 5, 2, prefixes=prefixes,
+                                                          do_sample=False) for i, new in zip(batch, news[::2])}
+        for i, ids in enumerate(encoded):
+            output = model.generate(input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=5,
+                                    pad_token_id=tokenizer.pad_token_id)
+            assert got[i].tolist()[:5] == output[0, len(ids):].tolist()
+    assert prefixes.reused > 0
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.9, 50, 0.95), (1.3, 8, 0.5), (0.7, 50, 1.0), (1.0, 1, 0.9)])

@@ -76,32 +76,93 @@ def decode_attention(model):
         base.set_attn_implementation(before)
 
 
-def prompt_cache(model, prompts: list[list[int]], repeats: int, capacity: int):
+class PromptPrefixes:
+    """Prompts encoded so far, kept for the ones after them: a prompt that begins with tokens of an earlier one (the
+    next turn of the same conversation) is encoded from the end of the longest such shared beginning on, after the
+    earlier prompt's keys and values.
+
+    Holds at most `max_bytes` of keys and values, dropping the least recently used prompt first; a prompt that the
+    next one extends whole is replaced by it. `encoded` and `reused` count prompt tokens run through the model and
+    taken from a kept prompt. Beginnings shorter than `min_shared` tokens are encoded again: the chat template's
+    opening is common to every prompt and not worth a lookup.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2 ** 20, min_shared: int = 16):
+        self.max_bytes, self.min_shared = max_bytes, min_shared
+        self.kept: list[tuple[Any, list[tuple[Any, Any]]]] = []  # (token ids, per layer (keys, values)), newest last
+        self.encoded = self.reused = 0
+
+    @staticmethod
+    def shared_length(first, second) -> int:
+        """How many tokens two 1-D id tensors begin with in common."""
+        n = min(len(first), len(second))
+        differ = (first[:n] != second[:n]).nonzero()
+        return int(differ[0, 0]) if len(differ) else n
+
+    def encode(self, model, ids: list[int]) -> list[tuple[Any, Any]]:
+        """Per layer, the keys and values of `ids` ([1, heads, len(ids), dim] each)."""
+        import torch
+        from transformers import DynamicCache
+
+        ids_t = torch.tensor(ids)
+        best, shared = None, 0
+        for index, (kept_ids, _) in enumerate(self.kept):
+            length = self.shared_length(kept_ids, ids_t)
+            if length > shared:
+                best, shared = index, length
+        if shared < self.min_shared:
+            best, shared = None, 0
+        if shared == len(ids):  # a beginning of a kept prompt: nothing to encode
+            layers = [(keys[:, :, :shared], values[:, :, :shared]) for keys, values in self.kept[best][1]]
+        else:
+            past = None if best is None else DynamicCache(
+                [(keys[:, :, :shared], values[:, :, :shared]) for keys, values in self.kept[best][1]],
+                config=model.config)
+            output = model(input_ids=ids_t[None, shared:].to(model.device), past_key_values=past, use_cache=True,
+                           logits_to_keep=1)
+            layers = [(layer.keys, layer.values) for layer in output.past_key_values.layers]
+        self.encoded += len(ids) - shared
+        self.reused += shared
+        if best is not None:
+            kept = self.kept.pop(best)
+            if shared == len(ids) or shared < len(kept[0]):  # it holds tokens the new prompt lacks: keep it
+                self.kept.append(kept)
+        if shared < len(ids):
+            self.kept.append((ids_t, layers))
+        while len(self.kept) > 1 and self.nbytes() > self.max_bytes:
+            self.kept.pop(0)
+        return layers
+
+    def nbytes(self) -> int:
+        return sum(keys.nbytes + values.nbytes for _, layers in self.kept for keys, values in layers)
+
+
+def prompt_cache(model, prompts: list[list[int]], repeats: int, capacity: int,
+                 prefixes: PromptPrefixes | None = None):
     """A static KV cache holding every prompt but its last token, left-padded, each row `repeats` times.
 
-    Each prompt is encoded on its own and copied straight into its rows, so the cache is never held twice.
-    The padded slots hold zeros that the attention mask hides. Models with sliding-window
-    layers get None: the caller encodes the padded batch instead.
+    Each prompt is encoded on its own (after the longest beginning it shares with a prompt `prefixes` kept) and
+    copied straight into its rows, so the cache is never held twice. The padded slots hold zeros that the attention
+    mask hides. Models with sliding-window layers get None: the caller encodes the padded batch instead.
     """
-    import torch
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 
     cache = StaticCache(config=model.config, max_cache_len=capacity)
     if not all(type(layer) is StaticLayer for layer in cache.layers):
         return None
+    prefixes = PromptPrefixes(max_bytes=0) if prefixes is None else prefixes
     width = max(len(ids) for ids in prompts) - 1
     for row, ids in enumerate(prompts):
-        layers = model(input_ids=torch.tensor([ids[:-1]], device=model.device), use_cache=True,
-                       logits_to_keep=1).past_key_values.layers
+        layers = prefixes.encode(model, ids[:-1])
         rows = slice(row * repeats, (row + 1) * repeats)
-        for target, layer in zip(cache.layers, layers):
+        for target, (keys, values) in zip(cache.layers, layers):
             if not target.is_initialized:  # allocates [rows, heads, capacity, dim] of the model's dtype
-                target.lazy_initialization(layer.keys.expand(len(prompts) * repeats, -1, -1, -1),
-                                           layer.values.expand(len(prompts) * repeats, -1, -1, -1))
-            length = layer.keys.shape[-2]
-            target.keys[rows, :, width - length:width] = layer.keys
-            target.values[rows, :, width - length:width] = layer.values
+                target.lazy_initialization(keys.expand(len(prompts) * repeats, -1, -1, -1),
+                                           values.expand(len(prompts) * repeats, -1, -1, -1))
+            length = keys.shape[-2]
+            target.keys[rows, :, width - length:width] = keys
+            target.values[rows, :, width - length:width] = values
     for target in cache.layers:
         target.cumulative_length.fill_(width)
     return cache
@@ -213,24 +274,26 @@ def token_batches(lengths: list[int], batch_size: int, repeats: int = 1, max_new
 
 
 def generate_batches(model, tokenizer, prompts: list[list[int]], repeats: int, max_new_tokens: int,
-                     batch_size: int, max_batch_tokens: int | None = None,
+                     batch_size: int, max_batch_tokens: int | None = None, prefixes: PromptPrefixes | None = None,
                      **sampling) -> Iterator[tuple[list[int], "torch.Tensor"]]:
     """For each batch: (prompt indices, new tokens), `repeats` rows per prompt, next to each other.
 
     `prompts` are token ids; `sampling` goes to `model.generate` (do_sample, temperature, top_p, ...).
     Batches hold at most `batch_size` prompts and `max_batch_tokens` tokens of KV cache (`token_batches`).
-    A row's new tokens end at its first EOS; what follows is padding.
+    A prompt that begins with tokens of an earlier one is encoded after them (`PromptPrefixes`; pass `prefixes` to
+    read what was reused). A row's new tokens end at its first EOS; what follows is padding.
     """
     import torch
 
     sampling = candidate_sampling(model, sampling)
+    prefixes = PromptPrefixes() if prefixes is None else prefixes
     for indices in token_batches([len(p) for p in prompts], batch_size, repeats, max_new_tokens, max_batch_tokens):
         inputs = tokenizer.pad({"input_ids": [prompts[i] for i in indices]}, padding_side="left",
                                return_tensors="pt").to(model.device)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         width = ids.shape[1]
         with torch.no_grad(), decode_attention(model):
-            cache = prompt_cache(model, [prompts[i] for i in indices], repeats, width + max_new_tokens)
+            cache = prompt_cache(model, [prompts[i] for i in indices], repeats, width + max_new_tokens, prefixes)
             if cache is None:
                 # Left padding: positions count real tokens only, as generate() itself computes them.
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
