@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import pytest
@@ -6,7 +7,7 @@ from stages import generate_preferences
 from stages.lib import StageError
 from stages.lib.generation import (CandidateSampler, PromptPrefixes, candidate_sampling, decode_attention,
                                    generate_batches, grouped_decode_attention, prompt_cache, reply_logprobs, sample_pairs,
-                                   sample_replies, token_batches)
+                                   sample_replies, shared_prompts, token_batches)
 from stages.lib.policy import load_policy
 from tests.chats import write_jsonl
 from tests.conftest import params_file
@@ -244,6 +245,43 @@ def test_grouped_decode_attention_equals_sdpa_at_one_query_token():
         got, _ = grouped_decode_attention(module, query, key, value, attention_mask, scaling=0.3)
         expected, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=0.3)
         assert got.shape == (4, 1, 6, 8)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_that_sample_one_prompt_read_its_slots_once_and_attend_as_sdpa_does():
+    import torch
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    # 2 prompts x 3 samples: row r * 2 + j samples prompt j; the first 7 of 10 slots hold the prompts.
+    query, key, value = torch.randn(6, 6, 1, 8), torch.randn(6, 2, 10, 8), torch.randn(6, 2, 10, 8)
+    key[:, :, :7], value[:, :, :7] = key[:2, :, :7].repeat(3, 1, 1, 1), value[:2, :, :7].repeat(3, 1, 1, 1)
+    mask = torch.ones(6, 1, 1, 10, dtype=torch.bool)
+    mask[1::2, ..., :3] = False  # prompt 1 is left-padded
+    mask[:, ..., 9:] = False  # not yet written
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    read = []
+    original = torch.matmul
+
+    def matmul(a, b):
+        read.append(b.shape)
+        return original(a, b)
+
+    key_shared, value_shared = key.clone(), value.clone()
+    key_shared[2:, :, :7], value_shared[2:, :, :7] = float("nan"), float("nan")  # rows 2-5 never read their copies
+    with shared_prompts(3, 7), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "matmul", matmul)
+        got, _ = grouped_decode_attention(module, query, key_shared, value_shared, mask, scaling=0.3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # The slots once per prompt, through the first block of rows; each row reads only the 3 slots after the prompt.
+    assert sorted(read) == [(2, 2, 8, 10), (2, 2, 10, 8), (6, 2, 3, 8), (6, 2, 8, 3)]
+    # Outside the context, or where the rows do not split into the blocks, every row reads its own slots.
+    for context in (contextlib.nullcontext(), shared_prompts(4, 7)):
+        with context:
+            got, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.3)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -16,11 +16,28 @@ queries (it took 28% of the decoding time of 32 rows on a 2-core CPU; decoding w
 """
 
 import copy
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
 DECODE_ATTENTION = "sdpa_grouped_decode"
+
+
+_SHARED_PROMPTS = threading.local()
+
+
+@contextmanager
+def shared_prompts(repeats: int, width: int):
+    """Within (this thread): decoding rows are `repeats` blocks of the same prompts (row r * prompts + j samples prompt
+    j) whose first `width` cache slots hold the same prompt keys and values, so `grouped_decode_attention` reads
+    them once per prompt instead of once per row."""
+    before = getattr(_SHARED_PROMPTS, "value", None)
+    _SHARED_PROMPTS.value = (repeats, width)
+    try:
+        yield
+    finally:
+        _SHARED_PROMPTS.value = before
 
 
 def grouped_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -29,7 +46,8 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
 
     There the query heads of each key/value head form one [groups x dim] block, so the step is two small
     matmuls on the cache as it is (no repeated key/value heads) with the softmax in fp32, as transformers'
-    eager attention computes it.
+    eager attention computes it. Within `shared_prompts`, the prompt slots are read once for all the rows that
+    sample the same prompt: reading the cache is most of a step's attention, and the prompt most of the cache.
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -37,18 +55,46 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
     if query.shape[2] != 1 or (dropout and module.training) or kwargs.get("output_attentions"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    batch, heads, _, dim = query.shape
+    rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (dim ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:  # [batch, 1, 1, keys]: bool (True attends) or additive
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
-            scores = scores + attention_mask
-    weights = torch.softmax(scores, -1).to(value.dtype)
-    output = torch.matmul(weights, value)  # [batch, kv_heads, groups, dim]
-    return output.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+    groups = heads // kv_heads
+    # Scaled before the matmul (the query is one token); softmax reads and writes the model's dtype, computing in fp32.
+    grouped = query.reshape(rows, kv_heads, groups, dim) * (dim ** -0.5 if scaling is None else scaling)
+    repeats, width = getattr(_SHARED_PROMPTS, "value", None) or (1, 0)
+    if repeats < 2 or rows % repeats or not 0 < width < key.shape[2]:
+        scores = mask_scores(torch.matmul(grouped, key.transpose(-1, -2)), attention_mask)
+        output = torch.matmul(torch.softmax(scores, -1), value)  # [rows, kv_heads, groups, dim]
+        return output.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+    prompts = rows // repeats
+
+    def by_prompt(x):  # [rows, kv, groups, n] -> [prompts, kv, repeats * groups, n]: a prompt's rows side by side
+        return x.reshape(repeats, prompts, x.shape[1], groups, -1).permute(1, 2, 0, 3, 4).reshape(
+            prompts, x.shape[1], repeats * groups, -1)
+
+    def by_row(x):  # the inverse
+        return x.reshape(prompts, kv_heads, repeats, groups, -1).permute(2, 0, 1, 3, 4).reshape(
+            rows, kv_heads, groups, -1)
+
+    # Every slot through the first prompts' rows, whole (a matmul on a slice along the slots copies it first); the
+    # slots after the prompt differ by row, so those columns are then replaced by each row's own.
+    scores = torch.matmul(by_prompt(grouped), key[:prompts].transpose(-1, -2))  # [prompts, kv, repeats * groups, slots]
+    scores[..., width:] = by_prompt(torch.matmul(grouped, key[:, :, width:].transpose(-1, -2)))
+    if attention_mask is not None:
+        attention_mask = by_prompt(attention_mask.expand(rows, 1, groups, -1))
+    weights = torch.softmax(mask_scores(scores, attention_mask), -1)
+    own = torch.matmul(by_row(weights[..., width:]), value[:, :, width:])
+    weights[..., width:] = 0
+    output = by_row(torch.matmul(weights, value[:prompts])) + own
+    return output.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def mask_scores(scores, attention_mask):
+    """Attention scores with an attention mask applied in place: bool (True attends) or additive; None: none."""
+    if attention_mask is None:
+        return scores
+    if attention_mask.dtype.is_floating_point:
+        return scores.add_(attention_mask)
+    return scores.masked_fill_(~attention_mask, float("-inf"))
 
 
 def _register_decode_attention() -> None:
@@ -139,7 +185,8 @@ class PromptPrefixes:
 
 def prompt_cache(model, prompts: list[list[int]], repeats: int, capacity: int,
                  prefixes: PromptPrefixes | None = None):
-    """A static KV cache holding every prompt but its last token, left-padded, each row `repeats` times.
+    """A static KV cache holding every prompt but its last token, left-padded, in `repeats` blocks of rows (row
+    r * len(prompts) + j holds prompt j).
 
     Each prompt is encoded on its own (after the longest beginning it shares with a prompt `prefixes` kept) and
     copied straight into its rows, so the cache is never held twice. The padded slots hold zeros that the attention
@@ -155,7 +202,7 @@ def prompt_cache(model, prompts: list[list[int]], repeats: int, capacity: int,
     width = max(len(ids) for ids in prompts) - 1
     for row, ids in enumerate(prompts):
         layers = prefixes.encode(model, ids[:-1])
-        rows = slice(row * repeats, (row + 1) * repeats)
+        rows = slice(row, None, len(prompts))
         for target, (keys, values) in zip(cache.layers, layers):
             if not target.is_initialized:  # allocates [rows, heads, capacity, dim] of the model's dtype
                 target.lazy_initialization(keys.expand(len(prompts) * repeats, -1, -1, -1),
@@ -300,9 +347,16 @@ def generate_batches(model, tokenizer, prompts: list[list[int]], repeats: int, m
                 cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                               use_cache=True, logits_to_keep=1).past_key_values
                 cache.batch_repeat_interleave(repeats)
-            output = model.generate(input_ids=ids.repeat_interleave(repeats, 0),
-                                    attention_mask=mask.repeat_interleave(repeats, 0), past_key_values=cache,
-                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+                output = model.generate(input_ids=ids.repeat_interleave(repeats, 0),
+                                        attention_mask=mask.repeat_interleave(repeats, 0), past_key_values=cache,
+                                        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                        **sampling)
+            else:  # rows r * len(indices) + j sample prompt j, whose cached slots they share
+                with shared_prompts(repeats, width - 1):
+                    output = model.generate(input_ids=ids.repeat(repeats, 1), attention_mask=mask.repeat(repeats, 1),
+                                            past_key_values=cache, max_new_tokens=max_new_tokens,
+                                            pad_token_id=tokenizer.pad_token_id, **sampling)
+                output = output.reshape(repeats, len(indices), -1).transpose(0, 1).reshape(len(output), -1)
         yield indices, output[:, width:]
 
 
