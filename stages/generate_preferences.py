@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.lib import run_stage
-from stages.lib.generation import sample_pairs
+from stages.lib.generation import PromptPrefixes, sample_pairs
 from stages.lib.io import atomic_dir, write_metrics
 from stages.lib.log import get_logger, log_config
 from stages.lib.models import inference_dtype
@@ -87,10 +87,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dtype = inference_dtype()
     model, tokenizer = load_policy(args.model, dtype)
     everything = [(pool, prompt) for pool in POOLS for prompt in pools[pool]]
+    prefixes = PromptPrefixes()
     started = time.perf_counter()
     with tqdm(total=len(everything), desc="prompts", unit="prompt") as progress:
         pairs, generated = sample_pairs(model, tokenizer, [p["prompt"] for _, p in everything], params.max_new_tokens,
-                                        params.batch_size, params.temperature, params.top_p, progress)
+                                        params.batch_size, params.temperature, params.top_p, progress, prefixes)
     elapsed = time.perf_counter() - started
 
     rows = {pool: [] for pool in POOLS}
@@ -105,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "generated_tokens": generated,
         "generated_tokens_per_second": round(generated / max(elapsed, 1e-9), 1),
         "dtype": dtype,
+        # Prompt tokens run through the model, and those taken from an earlier prompt of the same conversation
+        "prompt_tokens_encoded": prefixes.encoded,
+        "prompt_tokens_reused": prefixes.reused,
         "identical_pairs": sum(1 for first, second in pairs if first == second),
         "empty_responses": sum((not first) + (not second) for first, second in pairs),
     }

@@ -55,6 +55,13 @@ def test_pools_are_disjoint_by_conversation_with_two_responses_each(tmp_path, ti
             assert isinstance(row["response_1"], str) and isinstance(row["response_2"], str)
     assert 0 < metrics["generated_tokens"] <= 2 * 13 * 8
     assert metrics["ai_prompts"] == 6 and metrics["generated_tokens_per_second"] > 0
+    # Every prompt token but each prompt's last (generate reads that one) is either run or reused once.
+    _, tokenizer = load_policy(tiny_model_dir)
+    prompts = [row["prompt"] for rows in pools.values() for row in rows]
+    lengths = [len(ids) for ids in tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
+                                                                 return_dict=True)["input_ids"]]
+    assert metrics["prompt_tokens_encoded"] + metrics["prompt_tokens_reused"] == sum(lengths) - len(lengths)
+    assert metrics["prompt_tokens_encoded"] > 0
 
 
 def test_same_seed_same_bytes_other_seed_other_pools(tmp_path, tiny_model_dir, prompt_files):

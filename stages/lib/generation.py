@@ -361,19 +361,20 @@ def generate_batches(model, tokenizer, prompts: list[list[int]], repeats: int, m
 
 
 def sample_pairs(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-                 temperature: float, top_p: float, progress=None) -> tuple[list[tuple[str, str]], int]:
+                 temperature: float, top_p: float, progress=None,
+                 prefixes: PromptPrefixes | None = None) -> tuple[list[tuple[str, str]], int]:
     """Two sampled responses per chat prompt, and the number of tokens generated (up to each EOS).
 
-    On long prompts the prompt pass dominates, so each prompt is encoded once, without padding,
-    and its KV cache shared by both samples; batches hold prompts of similar length, so decoding
-    spends little attention on padding.
+    On long prompts the prompt pass dominates, so each prompt is encoded once, without padding, after the
+    beginning it shares with an earlier prompt (`prefixes`, when given, counts the tokens), and its KV cache shared
+    by both samples; batches hold prompts of similar length, so decoding spends little attention on padding.
     """
     import torch
 
     encoded = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
                                             return_dict=True)["input_ids"]
     pairs, generated = [None] * len(prompts), 0
-    for indices, new in generate_batches(model, tokenizer, encoded, 2, max_new_tokens, batch_size,
+    for indices, new in generate_batches(model, tokenizer, encoded, 2, max_new_tokens, batch_size, prefixes=prefixes,
                                          do_sample=True, temperature=temperature, top_p=top_p):
         # A sample ends at its first EOS (included); what follows is padding.
         ended = new == tokenizer.eos_token_id
