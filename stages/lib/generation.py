@@ -3,7 +3,10 @@
 Long prompts (`generate_batches`, `sample_pairs`): prompts of similar length share a batch. Each
 prompt is encoded once, on its own (no compute on padding, no logits), into a preallocated KV
 cache, left-padded to the longest prompt of its batch, that all of its samples decode from: the
-cache is written in place instead of being copied whole at every step.
+cache is written in place instead of being copied whole at every step. A prompt that begins with
+tokens of an earlier one (the next turn of its conversation) is encoded from where they part
+(`PromptPrefixes`), and the samples of one prompt read its slots of the cache once per decoding
+step (`shared_prompts`).
 
 Starters (`sample_replies`, `reply_logprobs`): one user turn each, short enough that one padded
 `generate` call serves them all; the replies keep their token ids, so their log-probabilities
