@@ -62,18 +62,14 @@ class PromptPassTimer:
     def __init__(self):
         self.seconds, self.tokens, self.reused, self.original = 0.0, 0, 0, generation.prompt_cache
 
-    def timed(self, model, prompts, repeats, capacity, prefixes=None):
-        before = (prefixes.encoded, prefixes.reused) if prefixes is not None else None
+    def timed(self, model, prompts, repeats, capacity, prefixes):  # generate_batches always passes its prefixes
+        encoded, reused = prefixes.encoded, prefixes.reused
         start = time.perf_counter()
         cache = self.original(model, prompts, repeats, capacity, prefixes)
         self.seconds += time.perf_counter() - start
-        if cache is None:  # nothing was encoded (sliding-window models encode the padded batch)
-            return cache
-        if before is None:
-            self.tokens += sum(len(ids) - 1 for ids in prompts)
-        else:
-            self.tokens += prefixes.encoded - before[0]
-            self.reused += prefixes.reused - before[1]
+        if cache is not None:  # None: nothing was encoded (sliding-window models encode the padded batch)
+            self.tokens += prefixes.encoded - encoded
+            self.reused += prefixes.reused - reused
         return cache
 
     def __enter__(self):
