@@ -283,8 +283,13 @@ def test_rows_that_sample_one_prompt_read_its_slots_once_and_attend_as_sdpa_does
         patch.setattr(torch, "matmul", matmul)
         got, _ = grouped_decode_attention(module, query, key_shared, value_shared, mask, scaling=0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    # The slots once per prompt, through the first block of rows; each row reads only the 3 slots after the prompt.
-    assert sorted(read) == [(2, 2, 8, 10), (2, 2, 10, 8), (6, 2, 3, 8), (6, 2, 8, 3)]
+    # The slots once per prompt, through the first block of rows; each row reads only the 2 slots written after the
+    # prompt (of 3).
+    assert sorted(read) == [(2, 2, 8, 10), (2, 2, 10, 8), (6, 2, 2, 8), (6, 2, 8, 2)]
+    additive = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))  # as a float mask
+    with shared_prompts(3, 7):
+        got, _ = grouped_decode_attention(module, query, key_shared, value_shared, additive, scaling=0.3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # Outside the context, or where the rows do not split into the blocks, every row reads its own slots.
     for context in (contextlib.nullcontext(), shared_prompts(4, 7)):
         with context:

@@ -48,8 +48,8 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
     """transformers' SDPA attention, except for a single query token (a decoding step) without dropout.
 
     There the query heads of each key/value head form one [groups x dim] block, so the step is two small
-    matmuls on the cache as it is (no repeated key/value heads) with the softmax in fp32, as transformers'
-    eager attention computes it. Within `shared_prompts`, the prompt slots are read once for all the rows that
+    matmuls on the cache as it is (no repeated key/value heads), the softmax computed in fp32 as transformers'
+    eager attention computes it (reading and writing the model's dtype). Within `shared_prompts`, the prompt slots are read once for all the rows that
     sample the same prompt: reading the cache is most of a step's attention, and the prompt most of the cache.
     """
     import torch
@@ -78,14 +78,19 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
         return x.reshape(prompts, kv_heads, repeats, groups, -1).permute(2, 0, 1, 3, 4).reshape(
             rows, kv_heads, groups, -1)
 
-    # Every slot through the first prompts' rows, whole (a matmul on a slice along the slots copies it first); the
-    # slots after the prompt differ by row, so those columns are then replaced by each row's own.
+    # Every slot through the first prompts' rows, whole (a matmul on a slice along the slots is slow: it copies the
+    # slice first, transposing it element by element); the slots after the prompt differ by row, so those columns
+    # are then replaced by each row's own, of which only the ones written so far (`end`) are read, copied first.
+    end = key.shape[2] if attention_mask is None else width + int(
+        (attention_mask[0, 0, 0, width:] if attention_mask.dtype == torch.bool
+         else attention_mask[0, 0, 0, width:] == 0).sum())
+    own_keys, own_values = key[:, :, width:end].contiguous(), value[:, :, width:end].contiguous()
     scores = torch.matmul(by_prompt(grouped), key[:prompts].transpose(-1, -2))  # [prompts, kv, repeats * groups, slots]
-    scores[..., width:] = by_prompt(torch.matmul(grouped, key[:, :, width:].transpose(-1, -2)))
+    scores[..., width:end] = by_prompt(torch.matmul(grouped, own_keys.transpose(-1, -2)))
     if attention_mask is not None:
         attention_mask = by_prompt(attention_mask.expand(rows, 1, groups, -1))
     weights = torch.softmax(mask_scores(scores, attention_mask), -1)
-    own = torch.matmul(by_row(weights[..., width:]), value[:, :, width:])
+    own = torch.matmul(by_row(weights[..., width:end]), own_values)
     weights[..., width:] = 0
     output = by_row(torch.matmul(weights, value[:prompts])) + own
     return output.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
@@ -167,8 +172,8 @@ class PromptPrefixes:
             past = None if best is None else DynamicCache(
                 [(keys[:, :, :shared], values[:, :, :shared]) for keys, values in self.kept[best][1]],
                 config=model.config)
-            output = model(input_ids=ids_t[None, shared:].to(model.device), past_key_values=past, use_cache=True,
-                           logits_to_keep=1)
+            output = model.get_decoder()(input_ids=ids_t[None, shared:].to(model.device), past_key_values=past,
+                                         use_cache=True)
             layers = [(layer.keys, layer.values) for layer in output.past_key_values.layers]
         self.encoded += len(ids) - shared
         self.reused += shared
@@ -347,8 +352,8 @@ def generate_batches(model, tokenizer, prompts: list[list[int]], repeats: int, m
             if cache is None:
                 # Left padding: positions count real tokens only, as generate() itself computes them.
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                              use_cache=True, logits_to_keep=1).past_key_values
+                cache = model.get_decoder()(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                                            position_ids=positions[:, :-1], use_cache=True).past_key_values
                 cache.batch_repeat_interleave(repeats)
                 output = model.generate(input_ids=ids.repeat_interleave(repeats, 0),
                                         attention_mask=mask.repeat_interleave(repeats, 0), past_key_values=cache,
