@@ -296,3 +296,29 @@ def test_step_clock_counts_only_time_inside_optimizer_steps(monkeypatch):
         clock.on_step_end(None, None, None)
     clock.on_step_end(None, None, None)  # an end without a begin (a resumed run) adds nothing
     assert clock.seconds == pytest.approx(3.5)
+
+
+def test_a_rerun_that_trains_the_same_weights_writes_the_same_directory(workdir, tiny_model_dir, data):
+    """Downstream stages depend on the model directory's hash: the run's speed and memory stay out of the card, and
+    the adapter's target modules (a set, written by peft in the process's string-hash order) are sorted."""
+    from stages.lib.training import model_card, sort_target_modules
+
+    def contents(directory):
+        return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+    first_metrics = run(workdir, tiny_model_dir, data)
+    first = contents(workdir / "out")
+    config = json.loads(first["adapter_config.json"])
+    assert config["target_modules"] == sorted(config["target_modules"]) and len(config["target_modules"]) > 1
+    second_metrics = run(workdir, tiny_model_dir, data)  # same params, trained again
+    assert second_metrics["eval_loss"] == first_metrics["eval_loss"]
+    assert contents(workdir / "out") == first
+
+    # As another process would write it: the same set in another order comes out sorted.
+    shuffled = dict(config, target_modules=list(reversed(config["target_modules"])))
+    (workdir / "out" / "adapter_config.json").write_text(json.dumps(shuffled))
+    sort_target_modules(workdir / "out")
+    assert json.loads((workdir / "out" / "adapter_config.json").read_text()) == config
+    card = model_card("m", [], {}, {"eval_loss": 1.5, "tokens_per_second": 9.0, "peak_memory_mb": 3.0,
+                                    "peak_rss_mb": 4.0, "train_seconds": 2.0}, {}, "")
+    assert "| eval_loss | 1.5 |" in card and "second" not in card and "memory" not in card and "rss" not in card

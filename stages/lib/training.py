@@ -249,18 +249,37 @@ def resumable_checkpoint(directory: Path) -> str | None:
     return latest
 
 
+# Metric names holding these words measure the run (speed, memory), not the model: they stay in the stage's metrics
+# file and out of the model card, so that a rerun that trains the same weights writes the same model directory.
+RUN_MEASURES = ("second", "memory", "rss")
+
+
 def model_card(title: str, facts: list[str], data: Mapping[str, Path], metrics: dict, params: dict,
                usage: str) -> str:
-    """One model card for every trained model: what it came from, the data's md5s, metrics and params."""
+    """One model card for every trained model: what it came from, the data's md5s, metrics and params (the run's
+    speed and memory left out: `RUN_MEASURES`)."""
     lines = [
         f"# {title}", "", *[f"- {fact}" for fact in facts],
         *[f"- {role} `{path}`: md5 `{file_md5(path)}` (as recorded in dvc.lock)" for role, path in data.items()],
         "", "## Metrics", "", "| metric | value |", "|---|---|",
-        *[f"| {key} | {value} |" for key, value in metrics.items()],
+        *[f"| {key} | {value} |" for key, value in metrics.items()
+          if not any(word in key for word in RUN_MEASURES)],
         "", "## Params", "", "```json", json.dumps(params, indent=2, sort_keys=True, default=str), "```", "",
         usage, "",
     ]
     return "\n".join(lines)
+
+
+def sort_target_modules(directory: Path) -> None:
+    """Rewrite an adapter's config with its target modules sorted: peft writes the set it matched in the process's
+    string-hash order, which changes from run to run, and with it the directory's hash that later stages depend on."""
+    path = Path(directory) / "adapter_config.json"
+    if not path.exists():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def save_trained(out: Path, model, tokenizer, card: str, stack: tuple[Path, list[Path]] | None = None,
@@ -269,6 +288,7 @@ def save_trained(out: Path, model, tokenizer, card: str, stack: tuple[Path, list
     adapters (`stack`: base model and adapters below), what `extra(dir)` writes, and the model card."""
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
+        sort_target_modules(tmp)
         tokenizer.save_pretrained(str(tmp))
         if stack is not None and is_adapter(tmp):
             write_stack(tmp, *stack)
