@@ -113,7 +113,7 @@ def main() -> None:
             _, tokens = sample_pairs(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, **sampling)
         return tokens, time.perf_counter() - start
 
-    # Batched, loop, batched again: the machine's speed drifts over a run (shared cores), and the mean of the two
+    # Batched, loop, batched again: the machine's speed drifts over a run (shared cores), and totalling the two
     # batched runs around the loop cancels a steady drift.
     prompt_pass = PromptPassTimer()
     batched_tokens, batched_s = batched_run(prompt_pass)
