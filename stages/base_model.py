@@ -53,6 +53,7 @@ def load_source(params: BaseModelParams):
         kwargs = dict(dtype=dtype, trust_remote_code=params.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=params.trust_remote_code)
+        require_unquantized(model, source)
         return model, tokenizer, f"local:{path}"
     if path.exists() or not HUB_ID.match(source):
         raise StageError(f"base_model.source: path '{source}' does not exist")
@@ -65,7 +66,19 @@ def load_source(params: BaseModelParams):
         raise StageError(
             f"base_model.source: '{source}' is not a local path and could not be loaded "
             f"from the hub: {reason}") from None
+    require_unquantized(model, source)
     return model, tokenizer, f"hub:{source}@{params.revision or 'main'}"
+
+
+def require_unquantized(model, source: str) -> None:
+    """Later stages load models/base without bitsandbytes (qlora quantizes when it trains): refuse 4-bit/8-bit
+    weights here, in one line."""
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+        method = getattr(method, "value", method)  # an enum member in a loaded config
+        raise StageError(f"base_model.source: '{source}' holds weights quantized by {method}; give the unquantized "
+                         f"model (method: qlora quantizes it when it trains)")
 
 
 def load_gguf(path: Path, dtype):
@@ -130,4 +143,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, quantized=True)  # to load a quantized source and refuse it in one line

@@ -506,4 +506,4 @@ def train_and_save(args, params: RLParams, config, start_dir: Path, tokenizer, r
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, quantized=True)  # method: qlora

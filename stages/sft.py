@@ -222,4 +222,4 @@ def base_source(model_dir: Path) -> str:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, quantized=True)  # method: qlora

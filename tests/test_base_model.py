@@ -76,6 +76,24 @@ def test_directory_without_config_is_rejected(tmp_path):
         run(tmp_path, source=str(tmp_path / "empty"))
 
 
+def test_a_source_with_quantized_weights_is_refused_in_one_line(tmp_path, tiny_model_dir, monkeypatch):
+    # Later stages run without bitsandbytes (stages.lib.errors.run_stage), so models/base must hold plain weights.
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained
+
+    def quantized(*args, **kwargs):
+        model = loaded(*args, **kwargs)
+        model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", quantized)
+    with pytest.raises(StageError, match=r"^base_model\.source: '.*' holds weights quantized by bitsandbytes; give the "
+                                         r"unquantized model \(method: qlora quantizes it when it trains\)$"):
+        run(tmp_path, source=str(tiny_model_dir))
+    assert not (tmp_path / "base").exists() and not (tmp_path / "metrics.json").exists()
+
+
 def test_bad_params_name_the_key(tmp_path):
     with pytest.raises(StageError, match=r"^base_model\.dtype: expected one of 'float32', 'bfloat16', 'float16', got 'fp8'$"):
         run(tmp_path, source="embedded", dtype="fp8")

@@ -23,23 +23,22 @@ def test_experiments_change_dpo_beta_then_compare_and_queue(repo):
     git(repo.root, "commit", "-q", "-m", "baseline results")
     beta = "dpo.defaults.trainer.beta"
 
-    samples = [f"plots/eval/{model}/persuasion.jsonl"
-               for model in ("dpo_rlhf", "dpo_rlaif", "dpo_rlaif_rlhf", "dpo_imported")]
-    before = [repo.path(path).read_text() for path in samples]
-    result = repo.dvc("exp", "run", "-n", "beta-02", "-S", f"{beta}=0.2")
-    # Only DPO and what reads its models run again; compare judges again only if a model's replies changed
+    # One variant's beta, a key its section does not have yet (`+`): that variant, the one that stacks on it, and
+    # what reads their models run again, and no other DPO. compare judges again only if a model's replies changed
     # (a tiny model's greedy-ish samples may come out the same under a slightly different adapter).
+    samples = [f"plots/eval/{model}/persuasion.jsonl" for model in ("dpo_rlaif", "dpo_rlaif_rlhf")]
+    before = [repo.path(path).read_text() for path in samples]
+    result = repo.dvc("exp", "run", "-n", "rlaif-beta-02", "-S", "+dpo.rlaif.trainer.beta=0.2")
     replies_changed = [repo.path(path).read_text() for path in samples] != before
-    assert sorted(stages_run(result)) == sorted(["dpo@rlhf", "dpo@rlaif", "dpo@rlaif_rlhf", "dpo@imported",
-                                                 "evaluate@dpo_rlhf", "evaluate@dpo_rlaif", "evaluate@dpo_rlaif_rlhf",
-                                                 "evaluate@dpo_imported", "report"]
-                                                + ["compare"] * replies_changed)
-    diff = json.loads(repo.dvc("exp", "diff", "HEAD", "beta-02", "--json").stdout)
-    assert diff["params"]["params.yaml"][beta] == {"old": 0.1, "new": 0.2, "diff": 0.1}
+    assert sorted(stages_run(result)) == sorted(["dpo@rlaif", "dpo@rlaif_rlhf", "evaluate@dpo_rlaif",
+                                                 "evaluate@dpo_rlaif_rlhf", "report"] + ["compare"] * replies_changed)
+    diff = json.loads(repo.dvc("exp", "diff", "HEAD", "rlaif-beta-02", "--json").stdout)
+    assert diff["params"]["params.yaml"] == {"dpo.rlaif.trainer.beta": {"old": None, "new": 0.2}}
     changed = diff["metrics"]["metrics/dpo/rlaif.json"]
     # With twice the beta, the implicit rewards (beta x log-ratio) of the same update differ.
     assert changed["eval_reward_margin"]["old"] != changed["eval_reward_margin"]["new"]
-    assert "metrics/eval/dpo_rlaif.json" in diff["metrics"] and "metrics/sft/persona.json" not in diff["metrics"]
+    assert "metrics/eval/dpo_rlaif.json" in diff["metrics"] and "metrics/dpo/rlaif_rlhf.json" in diff["metrics"]
+    assert not {"metrics/dpo/rlhf.json", "metrics/dpo/imported.json", "metrics/sft/persona.json"} & set(diff["metrics"])
 
     # Queued experiments of one target each, run two at a time.
     for value in (0.3, 0.4):
@@ -55,7 +54,7 @@ def test_experiments_change_dpo_beta_then_compare_and_queue(repo):
     shown = json.loads(repo.dvc("exp", "show", "--json").stdout)
     experiments = {exp["name"]: exp for baseline in shown for exp in (baseline.get("experiments") or [])
                    for exp in exp["revs"]}
-    assert {"beta-02", "beta-03", "beta-04"} <= set(experiments)
+    assert {"rlaif-beta-02", "beta-03", "beta-04"} <= set(experiments)
     for name, value in (("beta-03", 0.3), ("beta-04", 0.4)):
         data = experiments[name]["data"]
         assert data["params"]["params.yaml"]["data"]["dpo"]["defaults"]["trainer"]["beta"] == value
