@@ -1,8 +1,8 @@
 """Sharing results through a DVC remote: push, then pull (or `repro --pull`) in a fresh clone.
 
-A temp copy of the project runs the cheap head of the real pipeline with the tiny model (the datasets,
-the base model and the persona SFT adapter), commits, and pushes to a local remote; clones of that
-repository stand for other machines. The same round trip runs against an S3 API served on loopback.
+A copy of the tiny-model pipeline the suite builds once (tests.pipeline.BuiltPipeline) commits its results and
+pushes the head of the pipeline (the datasets, the base model and the persona SFT adapter) to a local remote;
+clones of that repository stand for other machines. The same round trip runs against an S3 API served on loopback.
 """
 
 import hashlib
@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT, git
-from tests.pipeline import PipelineRepo, stages_run, tiny_overrides
+from tests.pipeline import PipelineRepo, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -84,14 +84,15 @@ def add_s3_remote(repo: PipelineRepo, name: str, url: str, endpoint: str) -> Non
 
 
 @pytest.fixture(scope="module")
-def origin(tmp_path_factory, tiny_model_dir):
+def origin(tmp_path_factory, built_pipeline):
     root = tmp_path_factory.mktemp("remote")
-    repo = PipelineRepo.copy_of_project(root / "repo")
+    assert set(STAGES) <= set(built_pipeline.upstream + built_pipeline.first_run)
+    repo = built_pipeline.copy_to(root / "repo")
     # .dvc/config's relative url is resolved from .dvc/: the default remote lies beside the repository.
     assert repo.dvc("remote", "list").stdout.split() == ["local", str(root / "dvc-remote-llm-post-training"),
                                                           "(default)"]
-    repo.set_params(tiny_overrides(tiny_model_dir))
-    assert sorted(stages_run(repo.repro(*TARGETS))) == sorted(STAGES)
+    # A param no run has seen: token_analysis@persona must run again wherever it is asked for.
+    repo.set_params({"token_analysis.step": 64})
     checkpoint = repo.path(CHECKPOINT)
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"optimizer state of a run that was killed")
@@ -100,6 +101,7 @@ def origin(tmp_path_factory, tiny_model_dir):
     repo.store = root / "store"
     repo.dvc("remote", "modify", "--local", "local", "url", str(repo.store))
     assert "files pushed" in repo.dvc("push", "--with-deps", *TARGETS).stdout
+    repo.pushed = remote_files(repo.store)  # the head's outputs; a later test pushes everything
     repo.outputs = stage_outputs(repo)
     repo.files = snapshot(repo, repo.outputs)
     return repo
@@ -113,7 +115,7 @@ def test_pull_in_a_fresh_clone_restores_every_dataset_and_model(origin, tmp_path
     assert snapshot(other, [out for out in origin.outputs if not out.startswith("metrics/")]) == {}
 
     pulled = other.dvc("pull", "--with-deps", *TARGETS)
-    assert f"{len(remote_files(origin.store))} files fetched" in pulled.stdout
+    assert f"{len(origin.pushed)} files fetched" in pulled.stdout
     assert snapshot(other, origin.outputs) == origin.files
     records = [json.loads(line) for line in other.path("data/persona/train.jsonl").read_text().splitlines()]
     assert records == [json.loads(line) for line in origin.path("data/persona/train.jsonl").read_text().splitlines()]
@@ -126,7 +128,7 @@ def test_pull_in_a_fresh_clone_restores_every_dataset_and_model(origin, tmp_path
 
 def test_repro_pull_allow_missing_skips_what_the_remote_holds(origin, tmp_path):
     other = clone(origin, tmp_path / "clone")
-    # token_analysis@persona never ran with these params: it must run, on its inputs fetched from the remote.
+    # token_analysis@persona never ran with the origin's params: it must run, on its inputs fetched from the remote.
     result = other.dvc("repro", "--pull", "--allow-missing", *TARGETS, "token_analysis@persona")
     assert stages_run(result) == ["token_analysis@persona"]
     assert all(f"Stage '{stage}' didn't change, skipping" in result.stdout for stage in STAGES)
@@ -171,7 +173,7 @@ def test_push_and_pull_through_an_s3_api(origin, tmp_path):
         try:
             origin.dvc("push", "-r", "shared", "--with-deps", *TARGETS)
             keys = {obj["Key"] for obj in s3.list_objects_v2(Bucket="models")["Contents"]}
-            assert keys == {f"llm-post-training/{name}" for name in remote_files(origin.store)}
+            assert keys == {f"llm-post-training/{name}" for name in origin.pushed}
 
             other = clone(origin, tmp_path / "clone")
             other.dvc("pull", "-r", "shared", "--with-deps", *TARGETS)
