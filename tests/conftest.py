@@ -25,15 +25,18 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
-# Files whose tests run the pipeline under dvc, longest first: collected first, so that under `--dist loadfile`
-# a worker starts on them at once instead of after the quick tests (it decides the suite's wall time).
-LONGEST_FIRST = ["test_pipeline.py", "test_kill.py", "test_remote.py", "test_benchmarks.py", "test_base_model.py",
-                 "test_experiments.py"]
+# The order in which `--dist loadfile` hands files to the workers (it decides the suite's wall time).
+# First the longest: the file that builds the tiny pipeline (BuiltPipeline) and the other slow files, so that each
+# worker starts on one at once. Last the files that work in copies of that build: a worker that reached them
+# earlier would wait for the build instead of running the quick files meanwhile.
+LONGEST_FIRST = ["test_pipeline.py", "test_kill.py", "test_benchmarks.py", "test_base_model.py"]
+AFTER_THE_BUILD = ["test_experiments.py", "test_remote.py"]
 
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+    rank |= {name: len(LONGEST_FIRST) + 1 + i for i, name in enumerate(AFTER_THE_BUILD)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: file order kept otherwise
 
 
 @pytest.fixture(scope="session")
