@@ -30,7 +30,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # worker starts on one at once. Last the files that work in copies of that build: a worker that reached them
 # earlier would wait for the build instead of running the quick files meanwhile.
 LONGEST_FIRST = ["test_pipeline.py", "test_kill.py", "test_benchmarks.py", "test_base_model.py"]
-AFTER_THE_BUILD = ["test_experiments.py", "test_remote.py"]
+AFTER_THE_BUILD = ["test_experiments.py", "test_remote.py", "test_pipeline_changes.py"]
 
 
 def pytest_collection_modifyitems(config, items):
