@@ -27,10 +27,11 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 # The order in which `--dist loadfile` hands files to the workers (it decides the suite's wall time).
 # First the longest: the file that builds the tiny pipeline (BuiltPipeline) and the other slow files, so that each
-# worker starts on one at once. Last the files that work in copies of that build: a worker that reached them
-# earlier would wait for the build instead of running the quick files meanwhile.
-LONGEST_FIRST = ["test_pipeline.py", "test_kill.py", "test_benchmarks.py", "test_base_model.py"]
-AFTER_THE_BUILD = ["test_experiments.py", "test_remote.py", "test_pipeline_changes.py"]
+# worker starts on one at once (xdist gives each worker two files to begin with: the first and third to one, so the
+# third is the shortest). Last the files that work in copies of that build: a worker that reached them earlier
+# would wait for the build instead of running the quick files meanwhile.
+LONGEST_FIRST = ["test_pipeline.py", "test_kill.py", "test_base_model.py", "test_benchmarks.py"]
+AFTER_THE_BUILD = ["test_experiments.py", "test_pipeline_changes.py", "test_remote.py"]  # longest first
 
 
 def pytest_collection_modifyitems(config, items):
