@@ -53,7 +53,6 @@ def load_source(params: BaseModelParams):
         kwargs = dict(dtype=dtype, trust_remote_code=params.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=params.trust_remote_code)
-        require_unquantized(model, source)
         return model, tokenizer, f"local:{path}"
     if path.exists() or not HUB_ID.match(source):
         raise StageError(f"base_model.source: path '{source}' does not exist")
@@ -66,7 +65,6 @@ def load_source(params: BaseModelParams):
         raise StageError(
             f"base_model.source: '{source}' is not a local path and could not be loaded "
             f"from the hub: {reason}") from None
-    require_unquantized(model, source)
     return model, tokenizer, f"hub:{source}@{params.revision or 'main'}"
 
 
@@ -123,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log_config(log, "base_model", params)
 
     model, tokenizer, description = load_source(params)
+    require_unquantized(model, params.source)
     with atomic_dir(args.out) as tmp:
         save_model(model, tokenizer, tmp)
         write_json(tmp / "provenance.json", {"source": description})
