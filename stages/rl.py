@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from stages.lib import StageError, run_stage
+from stages.lib.errors import skip_bitsandbytes
 from stages.lib.generation import render, reply_logprobs, sample_replies
 from stages.lib.io import write_jsonl, write_metrics
 from stages.lib.log import config_dict, get_logger, log_config
@@ -395,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     started = time.perf_counter()
 
     params = load_section(args.params, "rl", RLParams)
+    if params.method != "qlora":
+        skip_bitsandbytes()
     precision = training_precision(params.precision, params.method, "rl.precision")
     if params.method == "qlora":
         check_qlora("rl.method")
@@ -506,4 +509,4 @@ def train_and_save(args, params: RLParams, config, start_dir: Path, tokenizer, r
 
 
 if __name__ == "__main__":
-    run_stage(main, quantized=True)  # method: qlora
+    run_stage(main, quantized=True)  # method: qlora; main skips bitsandbytes for lora and full

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from stages.lib import StageError, run_stage
+from stages.lib.errors import skip_bitsandbytes
 from stages.lib.chat import chat_dataset, resolve_chat_template, tokenize_chats
 from stages.lib.io import write_json, write_metrics
 from stages.lib.log import config_dict, get_logger, log_config
@@ -170,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     run = load_variant_params(args.params, "sft", args.name, SFTParams)
     params = run.params
+    if params.method != "qlora":
+        skip_bitsandbytes()
     require_model_dir(args.model, "--model")
     precision = training_precision(params.precision, params.method, f"{run.key}.precision")
     if params.method == "qlora":
@@ -222,4 +225,4 @@ def base_source(model_dir: Path) -> str:
 
 
 if __name__ == "__main__":
-    run_stage(main, quantized=True)  # method: qlora
+    run_stage(main, quantized=True)  # method: qlora; main skips bitsandbytes for lora and full

@@ -39,15 +39,39 @@ def require_model_dir(path: str | Path, key: str) -> Path:
     return path
 
 
-def load_tokenizer(path: str | Path):
-    """A tokenizer from a model directory; a missing or unreadable one is a one-line error."""
+# tokenizer_config.json's `tokenizer_class` values that AutoTokenizer maps to the generic tokenizers-backed class.
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def tokenizer_class(path: Path):
+    """The class AutoTokenizer would pick, imported without torch where it is the generic one.
+
+    AutoTokenizer's own module imports torch and its compiler (about 4 s of a data stage's 5-6 s start): a
+    directory whose tokenizer_config.json names the generic class and holds tokenizer.json gets that class
+    directly, which is what AutoTokenizer returns for it; any other goes through AutoTokenizer."""
+    import json
+
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    if (isinstance(config, dict) and config.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES
+            and (path / "tokenizer.json").is_file()):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
     from transformers import AutoTokenizer
 
+    return AutoTokenizer
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer from a model directory; a missing or unreadable one is a one-line error."""
     path = Path(path)
     if not path.exists():
         raise StageError(f"{path}: tokenizer directory not found")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return tokenizer_class(path).from_pretrained(str(path))
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StageError(f"{path}: cannot load a tokenizer: {reason}") from None
