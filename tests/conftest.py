@@ -77,6 +77,16 @@ def built_pipeline(tmp_path_factory):
     return BuiltPipeline.shared(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
 
 
+@pytest.fixture
+def experiment_repo(built_pipeline, tmp_path):
+    """A copy of the built tiny-model pipeline whose results are committed: the baseline `dvc exp` compares with."""
+    repo = built_pipeline.copy_to(tmp_path / "repo")
+    repo.repro()
+    git(repo.root, "add", "-A")
+    git(repo.root, "commit", "-q", "-m", "baseline results")
+    return repo
+
+
 @pytest.fixture(scope="session")
 def qlora_model_dir(tmp_path_factory) -> Path:
     """The tiny model with layers as wide as one 4-bit block (64): on CPUs with AVX-512 BF16, bitsandbytes

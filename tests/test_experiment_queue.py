@@ -7,21 +7,11 @@ import time
 
 import pytest
 
-from tests.conftest import git
-
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def repo(built_pipeline, tmp_path):
-    """A copy of the built tiny-model pipeline (tests.pipeline.BuiltPipeline), shared with tests/test_pipeline.py."""
-    return built_pipeline.copy_to(tmp_path / "repo")
-
-
-def test_queued_experiments_run_two_at_a_time_each_with_its_own_beta(repo):
-    repo.repro()
-    git(repo.root, "add", "-A")
-    git(repo.root, "commit", "-q", "-m", "baseline results")
+def test_queued_experiments_run_two_at_a_time_each_with_its_own_beta(experiment_repo):
+    repo = experiment_repo
     beta = "dpo.defaults.trainer.beta"
 
     # Queued experiments of one target each, run two at a time.

@@ -4,22 +4,13 @@ import json
 
 import pytest
 
-from tests.conftest import git
 from tests.pipeline import stages_run
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def repo(built_pipeline, tmp_path):
-    """A copy of the built tiny-model pipeline (tests.pipeline.BuiltPipeline), shared with tests/test_pipeline.py."""
-    return built_pipeline.copy_to(tmp_path / "repo")
-
-
-def test_an_experiment_changes_one_variants_beta_and_diffs_against_the_baseline(repo):
-    repo.repro()
-    git(repo.root, "add", "-A")
-    git(repo.root, "commit", "-q", "-m", "baseline results")
+def test_an_experiment_changes_one_variants_beta_and_diffs_against_the_baseline(experiment_repo):
+    repo = experiment_repo
 
     # One variant's beta, a key its section does not have yet (`+`): that variant, the one that stacks on it, and
     # what reads their models run again, and no other DPO. compare judges again only if a model's replies changed
